@@ -1,0 +1,108 @@
+"""
+Glue between SB3 policies and the numerics of :mod:`sb3_trpo_ext.common.numerics`.
+
+* :func:`distribution_params` reads an SB3 distribution in the canonical parametrisation used for KL and Fisher.
+* :func:`split_actor_critic_parameters` decides which parameters belong to the policy (the actor) by the structure
+  of the computation: a parameter is an actor parameter if the action distribution depends on it. Names are never
+  looked at, so custom policies with arbitrary module names work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch as th
+from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
+    CategoricalDistribution,
+    DiagGaussianDistribution,
+    Distribution,
+    MultiCategoricalDistribution,
+    StateDependentNoiseDistribution,
+)
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import PyTorchObs
+
+from sb3_trpo_ext.common.numerics import BERNOULLI, CATEGORICAL, GAUSSIAN, DistParams
+
+
+def distribution_params(distribution: Distribution) -> DistParams:
+    """
+    Parameters of an SB3 action distribution, in the canonical parametrisation of :class:`DistParams`.
+
+    Squashed Gaussians (``squash_output=True``) are represented by their underlying Gaussian: tanh is a fixed
+    bijection, so it changes neither the KL nor the Fisher information.
+
+    :param distribution: A distribution returned by ``policy.get_distribution(obs)``
+    :return: Its parameters, still attached to the autograd graph
+    """
+    if isinstance(distribution, (DiagGaussianDistribution, StateDependentNoiseDistribution)):
+        normal = distribution.distribution
+        return DistParams(GAUSSIAN, (normal.loc, th.log(normal.scale)))
+    if isinstance(distribution, MultiCategoricalDistribution):
+        return DistParams(CATEGORICAL, tuple(component.logits for component in distribution.distribution))
+    if isinstance(distribution, CategoricalDistribution):
+        return DistParams(CATEGORICAL, (distribution.distribution.logits,))
+    if isinstance(distribution, BernoulliDistribution):
+        return DistParams(BERNOULLI, (distribution.distribution.logits,))
+    # sb3-contrib's MaskableCategorical distributions keep a list or a single torch Categorical, too.
+    inner = getattr(distribution, "distribution", None)
+    if isinstance(inner, th.distributions.Categorical):
+        return DistParams(CATEGORICAL, (inner.logits,))
+    if isinstance(inner, list) and inner and all(isinstance(d, th.distributions.Categorical) for d in inner):
+        return DistParams(CATEGORICAL, tuple(d.logits for d in inner))
+    raise TypeError(f"TRPO does not support the action distribution {type(distribution).__name__}")
+
+
+def split_actor_critic_parameters(
+    policy: ActorCriticPolicy, observations: PyTorchObs
+) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
+    """
+    Split the policy's trainable parameters into actor and critic parameters, by what the outputs depend on.
+
+    One forward pass on ``observations`` builds the graph of the action distribution and of the value;
+    ``torch.autograd.grad(..., allow_unused=True)`` then tells which parameters each output depends on.
+    A parameter that feeds the action distribution is an actor parameter, even if the value also depends on it
+    (a features extractor shared between actor and critic): it is moved only by the trust-region step, never by the
+    critic's regression, so the KL constraint holds for every step of the policy. The critic parameters are those
+    that feed the value and not the action distribution.
+
+    :param policy: The actor-critic policy
+    :param observations: A batch of observations (one sample is enough)
+    :return: ``(actor_params, critic_params)``, each in the order of ``policy.parameters()``
+    """
+    params = [p for p in policy.parameters() if p.requires_grad]
+    with th.enable_grad():
+        dist_tensors = distribution_params(policy.get_distribution(observations)).tensors
+        values = policy.predict_values(observations)
+        actor_grads = th.autograd.grad(
+            sum(t.sum() for t in dist_tensors), params, allow_unused=True, retain_graph=False
+        )
+        critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
+    actor = [p for p, g in zip(params, actor_grads) if g is not None]
+    actor_ids = {id(p) for p in actor}
+    critic = [p for p, g in zip(params, critic_grads) if g is not None and id(p) not in actor_ids]
+    if not actor:
+        raise ValueError("the policy's action distribution does not depend on any trainable parameter")
+    return actor, critic
+
+
+def index_observations(observations: PyTorchObs, indices: th.Tensor | slice) -> PyTorchObs:
+    """
+    Select rows of a batch of observations (a tensor or a dict of tensors).
+
+    :param observations: Batch of observations
+    :param indices: Row indices or a slice
+    :return: The selected rows, same structure
+    """
+    if isinstance(observations, dict):
+        return {key: value[indices] for key, value in observations.items()}
+    return observations[indices]
+
+
+def all_finite(tensors: Sequence[th.Tensor]) -> bool:
+    """
+    :param tensors: Tensors to check
+    :return: True if every element of every tensor is finite
+    """
+    return all(bool(th.isfinite(t).all()) for t in tensors)

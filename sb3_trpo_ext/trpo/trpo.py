@@ -1,0 +1,579 @@
+"""Trust Region Policy Optimization for Stable-Baselines3."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
+from stable_baselines3.common.utils import explained_variance
+from torch.nn import functional as F
+
+from sb3_trpo_ext.common.numerics import (
+    DistParams,
+    assign_flat_parameters,
+    conjugate_gradient,
+    fisher_weight_product,
+    flat_grad,
+    flat_parameters,
+    kl_old_new,
+    maximal_step_size,
+)
+from sb3_trpo_ext.common.policy_utils import (
+    all_finite,
+    distribution_params,
+    index_observations,
+    split_actor_critic_parameters,
+)
+from sb3_trpo_ext.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
+
+SelfTRPO = TypeVar("SelfTRPO", bound="TRPO")
+
+SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+SUPPORTED_OBSERVATION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary, spaces.Dict)
+
+
+@dataclass
+class PolicyStepStats:
+    """
+    What happened in one trust-region step of the policy.
+
+    :param surrogate_before: Surrogate ``E[pi/pi_old * A]`` at the old parameters (1 up to the advantage mean)
+    :param surrogate_after: Surrogate at the parameters kept after the step (equal to ``surrogate_before`` if rejected)
+    :param kl: Mean KL(old || new) of the accepted step, ``None`` if no step was accepted
+    :param accepted: Whether the line search accepted a step
+    :param backtracks: Number of times the step was shrunk (``line_search_max_iter`` if none was accepted)
+    :param cg_iterations: Conjugate-gradient iterations used
+    :param cg_residual_norm: Norm of the final CG residual ``g - F x``
+    :param step_size: The maximal step ``beta = sqrt(2 delta / x^T F x)`` (``nan`` if skipped before it)
+    :param expected_improvement: First-order improvement ``g^T (beta x)`` predicted for the full step
+    :param std: Mean standard deviation of a Gaussian policy at the old parameters (``None`` otherwise)
+    :param skipped: Why the step was skipped before the line search (``None`` if it was not)
+    """
+
+    surrogate_before: float = math.nan
+    surrogate_after: float = math.nan
+    kl: float | None = None
+    accepted: bool = False
+    backtracks: int = 0
+    cg_iterations: int = 0
+    cg_residual_norm: float = math.nan
+    step_size: float = math.nan
+    expected_improvement: float = math.nan
+    std: float | None = None
+    skipped: str | None = None
+
+
+def _check_range(name: str, value: float, valid: bool, valid_range: str) -> None:
+    if not valid:
+        raise ValueError(f"Invalid hyperparameter {name}={value!r}: it must be {valid_range}")
+
+
+class TRPO(OnPolicyAlgorithm):
+    """
+    Trust Region Policy Optimization (TRPO).
+
+    Paper: https://arxiv.org/abs/1502.05477 (Schulman et al., 2015). A drop-in replacement of ``sb3_contrib.TRPO``:
+    same parameters, names and defaults. Each update:
+
+    1. surrogate ``L(theta') = E[pi_theta'(a|s) / pi_theta(a|s) * A(s, a)]`` and its gradient ``g``;
+    2. ``x ~= F^-1 g`` by conjugate gradient started at zero, where ``F`` is the Fisher matrix (the Hessian of the mean
+       KL at the old policy), applied through Fisher-vector products in Gauss-Newton form ``J^T M J v / N + damping v``
+       (Jacobian of the distribution parameters ``J``, the distribution's analytic Fisher information ``M``);
+    3. maximal step ``beta = sqrt(2 delta / x^T F x)``;
+    4. backtracking line search ``theta + alpha^i beta x``: the first candidate with mean KL(old || new) <= ``target_kl``
+       and a surrogate improvement is kept, the old parameters are restored if none is;
+    5. critic regression: Adam on the value loss for ``n_critic_updates`` epochs of minibatches. Only critic parameters
+       receive gradients, so the critic can never move the policy.
+
+    KL direction: the constraint is ``KL(pi_old || pi_new)`` as in the paper (sb3-contrib checks ``KL(pi_new || pi_old)``).
+
+    Actor parameters are found by structure: those the action distribution depends on. A features extractor shared
+    between actor and critic (``share_features_extractor=True`` with a CNN, say) is therefore part of the actor: it is
+    changed by the trust-region step only, and the critic fits its own head on top of it.
+
+    Non-finite values in a rollout batch (a NaN reward, an infinite observation) skip the whole update with a warning;
+    a non-finite gradient or a degenerate conjugate-gradient direction skips the policy step. Skipped steps leave the
+    parameters bit-identical.
+
+    :param policy: The policy model to use (MlpPolicy, CnnPolicy, MultiInputPolicy, or an ``ActorCriticPolicy`` class)
+    :param env: The environment to learn from (if registered in Gymnasium, can be str)
+    :param learning_rate: The learning rate of the critic's Adam optimizer, a constant or a schedule of the
+        progress remaining (from 1 to 0)
+    :param n_steps: The number of steps to run for each environment per update
+        (the rollout buffer holds ``n_steps * n_envs`` samples)
+    :param batch_size: Minibatch size of the critic regression
+    :param gamma: Discount factor
+    :param cg_max_steps: Maximal number of conjugate-gradient iterations
+    :param cg_damping: Damping added to the Fisher matrix, ``F + cg_damping * I``
+    :param line_search_shrinking_factor: Step-size reduction factor ``alpha`` of the line search
+        (``theta_new = theta + alpha^i * beta * x``)
+    :param line_search_max_iter: Maximal number of candidate steps of the backtracking line search
+    :param n_critic_updates: Number of epochs of critic regression per policy update
+    :param gae_lambda: Factor for trade-off of bias vs variance for the Generalized Advantage Estimator
+    :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
+    :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE
+        (-1: only at the beginning of the rollout)
+    :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
+    :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
+    :param normalize_advantage: Whether to normalize the advantages (over the whole batch)
+    :param target_kl: Trust-region radius ``delta``: bound on the mean KL(old || new) of an update
+    :param sub_sampling_factor: Use every k-th sample of the batch for the policy step
+        (see pp. 40-42 of John Schulman's thesis, http://joschu.net/docs/thesis.pdf)
+    :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
+        the reported success rate, mean episode length, and mean reward over
+    :param tensorboard_log: The log location for tensorboard (if None, no logging)
+    :param policy_kwargs: Additional arguments to be passed to the policy on creation
+    :param verbose: The verbosity level: 0 no output, 1 info, 2 debug
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run.
+        Setting it to auto, the code will be run on the GPU if possible.
+    :param cg_residual_tol: Conjugate gradient stops once the squared residual norm is below this value
+        (new option; the default matches sb3-contrib's fixed tolerance)
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": MlpPolicy,
+        "CnnPolicy": CnnPolicy,
+        "MultiInputPolicy": MultiInputPolicy,
+    }
+    policy: ActorCriticPolicy
+    rollout_buffer: RolloutBuffer
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 1e-3,
+        n_steps: int = 2048,
+        batch_size: int = 128,
+        gamma: float = 0.99,
+        cg_max_steps: int = 15,
+        cg_damping: float = 0.1,
+        line_search_shrinking_factor: float = 0.8,
+        line_search_max_iter: int = 10,
+        n_critic_updates: int = 10,
+        gae_lambda: float = 0.95,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        normalize_advantage: bool = True,
+        target_kl: float = 0.01,
+        sub_sampling_factor: int = 1,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+        cg_residual_tol: float = 1e-10,
+    ):
+        self._validate_hyperparameters(
+            n_steps=n_steps,
+            batch_size=batch_size,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            cg_max_steps=cg_max_steps,
+            cg_damping=cg_damping,
+            cg_residual_tol=cg_residual_tol,
+            line_search_shrinking_factor=line_search_shrinking_factor,
+            line_search_max_iter=line_search_max_iter,
+            n_critic_updates=n_critic_updates,
+            target_kl=target_kl,
+            sub_sampling_factor=sub_sampling_factor,
+        )
+        if not isinstance(env, str) and env is not None:
+            self._check_spaces(env.observation_space, env.action_space)
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=0.0,  # TRPO has no entropy bonus
+            vf_coef=0.0,  # the critic is fitted separately
+            max_grad_norm=0.0,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            _init_setup_model=False,
+            supported_action_spaces=None,  # checked by _check_spaces, with a ValueError naming the space
+        )
+        if self.env is not None:
+            self._check_spaces(self.observation_space, self.action_space)
+            buffer_size = self.env.num_envs * self.n_steps
+            if normalize_advantage and buffer_size <= 1:
+                raise ValueError(
+                    f"Invalid hyperparameter n_steps={n_steps} with n_envs={self.env.num_envs}: n_steps * n_envs must be "
+                    "> 1 when normalize_advantage=True (the advantages of a single sample cannot be normalized)"
+                )
+            if buffer_size % batch_size > 0:
+                untruncated_batches = buffer_size // batch_size
+                warnings.warn(
+                    f"You have specified a mini-batch size of {batch_size},"
+                    f" but because the `RolloutBuffer` is of size `n_steps * n_envs = {buffer_size}`,"
+                    f" after every {untruncated_batches} untruncated mini-batches,"
+                    f" there will be a truncated mini-batch of size {buffer_size % batch_size}\n"
+                    f"We recommend using a `batch_size` that is a factor of `n_steps * n_envs`.\n"
+                    f"Info: (n_steps={self.n_steps} and n_envs={self.env.num_envs})"
+                )
+
+        self.normalize_advantage = normalize_advantage
+        self.batch_size = batch_size
+        self.cg_max_steps = cg_max_steps
+        self.cg_damping = cg_damping
+        self.cg_residual_tol = cg_residual_tol
+        self.line_search_shrinking_factor = line_search_shrinking_factor
+        self.line_search_max_iter = line_search_max_iter
+        self.target_kl = target_kl
+        self.n_critic_updates = n_critic_updates
+        self.sub_sampling_factor = sub_sampling_factor
+
+        if _init_setup_model:
+            self._setup_model()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Input validation
+    # ----------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _validate_hyperparameters(
+        *,
+        n_steps: int,
+        batch_size: int,
+        gamma: float,
+        gae_lambda: float,
+        cg_max_steps: int,
+        cg_damping: float,
+        cg_residual_tol: float,
+        line_search_shrinking_factor: float,
+        line_search_max_iter: int,
+        n_critic_updates: int,
+        target_kl: float,
+        sub_sampling_factor: int,
+    ) -> None:
+        """Raise a ``ValueError`` naming the first invalid hyperparameter, its value and the valid range."""
+
+        def finite(x: float) -> bool:
+            return isinstance(x, (int, float)) and math.isfinite(x)
+
+        _check_range("n_steps", n_steps, n_steps >= 1, "an integer >= 1")
+        _check_range("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
+        _check_range("gamma", gamma, finite(gamma) and 0.0 <= gamma <= 1.0, "in [0, 1]")
+        _check_range("gae_lambda", gae_lambda, finite(gae_lambda) and 0.0 <= gae_lambda <= 1.0, "in [0, 1]")
+        _check_range("cg_max_steps", cg_max_steps, cg_max_steps >= 1, "an integer >= 1")
+        _check_range("cg_damping", cg_damping, finite(cg_damping) and cg_damping >= 0.0, "a finite number >= 0")
+        _check_range("cg_residual_tol", cg_residual_tol, finite(cg_residual_tol) and cg_residual_tol >= 0.0, ">= 0")
+        _check_range(
+            "line_search_shrinking_factor",
+            line_search_shrinking_factor,
+            finite(line_search_shrinking_factor) and 0.0 < line_search_shrinking_factor < 1.0,
+            "in the open interval (0, 1)",
+        )
+        _check_range("line_search_max_iter", line_search_max_iter, line_search_max_iter >= 1, "an integer >= 1")
+        _check_range("n_critic_updates", n_critic_updates, n_critic_updates >= 0, "an integer >= 0")
+        _check_range("target_kl", target_kl, finite(target_kl) and target_kl > 0.0, "a finite number > 0")
+        _check_range("sub_sampling_factor", sub_sampling_factor, sub_sampling_factor >= 1, "an integer >= 1")
+
+    @staticmethod
+    def _check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
+        """Raise a ``ValueError`` naming an observation or action space TRPO cannot handle."""
+        if not isinstance(action_space, SUPPORTED_ACTION_SPACES):
+            raise ValueError(
+                f"Unsupported action space {action_space}: TRPO supports Box, Discrete, MultiDiscrete and MultiBinary actions"
+            )
+        subspaces = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
+        if not isinstance(observation_space, SUPPORTED_OBSERVATION_SPACES) or any(
+            not isinstance(s, SUPPORTED_OBSERVATION_SPACES) or isinstance(s, spaces.Dict) for s in subspaces
+        ):
+            raise ValueError(
+                f"Unsupported observation space {observation_space}: TRPO supports Box, Discrete, MultiDiscrete, "
+                "MultiBinary observations, and a Dict of those"
+            )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------------------------
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        self._actor_params: list[th.nn.Parameter] | None = None
+        self._critic_params: list[th.nn.Parameter] | None = None
+
+    def _split_parameters(self, observations: PyTorchObs) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
+        """Actor and critic parameters of the current policy, found once by structure (see the class docstring)."""
+        if self._actor_params is None or self._critic_params is None:
+            one = index_observations(observations, slice(0, 1))
+            self._actor_params, self._critic_params = split_actor_critic_parameters(self.policy, one)
+        return self._actor_params, self._critic_params
+
+    def _surrogate(
+        self, observations: PyTorchObs, actions: th.Tensor, old_log_prob: th.Tensor, advantages: th.Tensor
+    ) -> tuple[th.Tensor, DistParams]:
+        """
+        Importance-sampled surrogate ``L = mean(pi(a|s) / pi_old(a|s) * A)`` at the current parameters.
+
+        :return: ``L`` and the distribution parameters it was computed from
+        """
+        distribution = self.policy.get_distribution(observations)
+        log_prob = distribution.log_prob(actions)
+        ratio = th.exp(log_prob - old_log_prob)
+        return (ratio * advantages).mean(), distribution_params(distribution)
+
+    def _fisher_vector_product_fn(
+        self, params: list[th.nn.Parameter], new: DistParams, old: DistParams
+    ) -> Callable[[th.Tensor], th.Tensor]:
+        """
+        Fisher-vector product ``v -> F v + damping v`` in Gauss-Newton form ``F = J^T M J / N``.
+
+        At the old parameters the Hessian of the mean KL(old || new) is exactly ``J^T M J / N``: ``J`` is the Jacobian
+        of the distribution parameters with respect to ``params`` and ``M`` the analytic Fisher information of each
+        sample's distribution (:func:`fisher_weight_product`). ``J v`` is obtained by differentiating the linear map
+        ``u -> J^T u`` (the "double-vjp" trick), ``J^T w`` by one backward pass; ``F`` is never formed.
+
+        :param params: Actor parameters
+        :param new: Distribution parameters attached to the graph at the current (old) parameters
+        :param old: The same, detached
+        :return: The function computing the damped Fisher-vector product of a flat vector
+        """
+        n_samples = new.tensors[0].shape[0]
+        dummies = [th.zeros_like(t, requires_grad=True) for t in new.tensors]
+        jt_dummy = th.autograd.grad(new.tensors, params, grad_outputs=dummies, create_graph=True, allow_unused=True)
+        jt_pairs = [(g, p) for g, p in zip(jt_dummy, params) if g is not None]
+        damping = self.cg_damping
+
+        offsets = np.cumsum([0] + [p.numel() for p in params])
+        index_of = {id(p): i for i, p in enumerate(params)}
+
+        def fvp(vector: th.Tensor) -> th.Tensor:
+            # v split into the shapes of the parameters J^T u depends on
+            chunks = [vector[offsets[index_of[id(p)]] : offsets[index_of[id(p)] + 1]].view_as(p) for _, p in jt_pairs]
+            jv = th.autograd.grad([g for g, _ in jt_pairs], dummies, grad_outputs=chunks, retain_graph=True)
+            m_jv = fisher_weight_product(old, jv)
+            jt_m_jv = th.autograd.grad(new.tensors, params, grad_outputs=m_jv, retain_graph=True, allow_unused=True)
+            flat = th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(jt_m_jv, params)])
+            return flat / n_samples + damping * vector
+
+        return fvp
+
+    def _line_search(
+        self,
+        params: list[th.nn.Parameter],
+        full_step: th.Tensor,
+        observations: PyTorchObs,
+        actions: th.Tensor,
+        old_log_prob: th.Tensor,
+        advantages: th.Tensor,
+        old: DistParams,
+        surrogate_before: float,
+        stats: PolicyStepStats,
+    ) -> None:
+        """
+        Backtracking line search: try ``theta_old + alpha^i * full_step`` for ``i = 0, 1, ...`` and keep the first
+        candidate whose mean KL(old || new) <= ``target_kl`` and whose surrogate improves on the old one.
+        If no candidate is accepted the old parameters are written back (bit-identical).
+        """
+        theta_old = flat_parameters(params)
+        coefficient = 1.0
+        with th.no_grad():
+            for i in range(self.line_search_max_iter):
+                assign_flat_parameters(params, theta_old + coefficient * full_step)
+                surrogate, new = self._surrogate(observations, actions, old_log_prob, advantages)
+                kl = kl_old_new(old, new).mean().item()
+                surrogate_value = surrogate.item()
+                if math.isfinite(kl) and math.isfinite(surrogate_value):
+                    if kl <= self.target_kl and surrogate_value > surrogate_before:
+                        stats.accepted, stats.backtracks = True, i
+                        stats.kl, stats.surrogate_after = kl, surrogate_value
+                        return
+                coefficient *= self.line_search_shrinking_factor
+            assign_flat_parameters(params, theta_old)
+        stats.backtracks = self.line_search_max_iter
+        stats.surrogate_after = surrogate_before
+
+    def _policy_step(
+        self, observations: PyTorchObs, actions: th.Tensor, old_log_prob: th.Tensor, advantages: th.Tensor
+    ) -> PolicyStepStats:
+        """One natural-gradient step of the policy inside the trust region (steps 1-4 of the class docstring)."""
+        stats = PolicyStepStats()
+        params, _ = self._split_parameters(observations)
+
+        # 1. Surrogate and its gradient g
+        surrogate, new = self._surrogate(observations, actions, old_log_prob, advantages)
+        old = new.detach()
+        stats.surrogate_before = surrogate.item()
+        if old.kind == "gaussian":
+            stats.std = old.tensors[1].exp().mean().item()
+        grad = flat_grad(surrogate, params, retain_graph=True)
+        if not math.isfinite(stats.surrogate_before) or not all_finite([grad]):
+            stats.skipped = "the surrogate or its gradient is not finite"
+            stats.surrogate_after = stats.surrogate_before
+            return stats
+
+        # 2. x = F^-1 g by conjugate gradient from x0 = 0, with Fisher-vector products only
+        fvp = self._fisher_vector_product_fn(params, new, old)
+        cg = conjugate_gradient(fvp, grad, max_iter=self.cg_max_steps, residual_tol=self.cg_residual_tol)
+        stats.cg_iterations, stats.cg_residual_norm = cg.iterations, cg.residual_norm
+
+        # 3. Maximal step on the quadratic trust region: beta = sqrt(2 delta / x^T F x)
+        direction = cg.x
+        step_size = math.nan
+        if all_finite([direction]) and cg.iterations > 0:
+            step_size = maximal_step_size(direction, fvp(direction), self.target_kl)
+        if not math.isfinite(step_size):
+            stats.skipped = "degenerate conjugate-gradient direction (x^T F x <= 0 or not finite)"
+            stats.surrogate_after = stats.surrogate_before
+            return stats
+        full_step = step_size * direction
+        stats.step_size = step_size
+        stats.expected_improvement = th.dot(grad, full_step).item()
+
+        # 4. Backtracking line search on the true KL and surrogate
+        self._line_search(params, full_step, observations, actions, old_log_prob, advantages, old, stats.surrogate_before, stats)
+        return stats
+
+    def _critic_regression(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
+        """
+        Fit the value function to the returns by Adam on minibatches of ``batch_size``, ``n_critic_updates`` epochs.
+
+        Gradients are computed for the critic parameters only (``torch.autograd.grad``); every actor parameter keeps
+        ``grad=None``, which Adam skips, so the policy does not move.
+
+        :return: The value loss of every minibatch
+        """
+        _, critic_params = self._split_parameters(observations)
+        optimizer = self.policy.optimizer
+        n_samples = returns.shape[0]
+        losses: list[float] = []
+        if not critic_params:
+            return losses
+        for _ in range(self.n_critic_updates):
+            permutation = th.randperm(n_samples, device=returns.device)
+            for start in range(0, n_samples, self.batch_size):
+                indices = permutation[start : start + self.batch_size]
+                values = self.policy.predict_values(index_observations(observations, indices)).flatten()
+                value_loss = F.mse_loss(values, returns[indices])
+                grads = th.autograd.grad(value_loss, critic_params)
+                optimizer.zero_grad(set_to_none=True)
+                for param, grad in zip(critic_params, grads):
+                    param.grad = grad
+                optimizer.step()
+                losses.append(value_loss.item())
+        optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    def train(self) -> None:
+        """Update the policy (one trust-region step) and the critic on the rollout buffer."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+
+        # The whole buffer as one batch (SB3's buffer computed the GAE advantages and returns)
+        rollout_data = next(self.rollout_buffer.get(batch_size=None))
+        observations, returns = rollout_data.observations, rollout_data.returns
+        actions = rollout_data.actions
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        obs_tensors = list(observations.values()) if isinstance(observations, dict) else [observations]
+        batch_fields = [*obs_tensors, actions.float(), rollout_data.old_log_prob, rollout_data.advantages, returns]
+
+        self._n_updates += 1
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        if not all_finite(batch_fields):
+            warnings.warn(
+                "TRPO: the rollout batch holds non-finite values (NaN or inf in observations, rewards, values or "
+                "log-probabilities); this update is skipped and the parameters are left unchanged",
+                RuntimeWarning,
+            )
+            self.logger.record("train/skipped_update", 1.0)
+            return
+
+        # Policy step on every sub_sampling_factor-th sample
+        sub = slice(None, None, self.sub_sampling_factor)
+        advantages = rollout_data.advantages[sub]
+        if self.normalize_advantage and advantages.numel() > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        stats = self._policy_step(
+            index_observations(observations, sub), actions[sub], rollout_data.old_log_prob[sub], advantages
+        )
+        if stats.skipped is not None:
+            warnings.warn(f"TRPO: policy step skipped: {stats.skipped}; the policy parameters are unchanged", RuntimeWarning)
+
+        value_losses = self._critic_regression(observations, returns)
+
+        self._log_train_stats(stats, value_losses)
+
+    def _log_train_stats(self, stats: PolicyStepStats, value_losses: list[float]) -> None:
+        """Record the statistics of one update under ``train/``."""
+        record = self.logger.record
+        record("train/surrogate_before", stats.surrogate_before)
+        record("train/surrogate_after", stats.surrogate_after)
+        if stats.kl is not None:  # only an accepted step has a KL: a rejected one is not logged as 0
+            record("train/kl", stats.kl)
+        record("train/line_search_success", float(stats.accepted))
+        record("train/line_search_backtracks", stats.backtracks)
+        record("train/policy_step_skipped", float(stats.skipped is not None))
+        record("train/cg_iterations", stats.cg_iterations)
+        record("train/cg_residual_norm", stats.cg_residual_norm)
+        if math.isfinite(stats.step_size):
+            record("train/step_size", stats.step_size)
+            record("train/expected_improvement", stats.expected_improvement)
+        if value_losses:
+            record("train/value_loss", float(np.mean(value_losses)))
+        record(
+            "train/explained_variance",
+            float(explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())),
+        )
+        if stats.std is not None:
+            record("train/std", stats.std)
+
+    def learn(
+        self: SelfTRPO,
+        total_timesteps: int | float,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "TRPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfTRPO:
+        """
+        Train the agent for ``total_timesteps`` environment steps (a float such as ``1e6`` is accepted).
+
+        :param total_timesteps: The total number of samples (env steps) to train on
+        :param callback: Callback(s) called at every step with state of the algorithm
+        :param log_interval: The number of rollouts before logging
+        :param tb_log_name: The name of the run for TensorBoard logging
+        :param reset_num_timesteps: Whether or not to reset the current timestep number (used in logging)
+        :param progress_bar: Display a progress bar using tqdm and rich
+        :return: The trained model
+        """
+        if not isinstance(total_timesteps, (int, float, np.integer, np.floating)) or not math.isfinite(total_timesteps):
+            raise ValueError(f"total_timesteps must be a finite number, got {total_timesteps!r}")
+        return super().learn(
+            total_timesteps=int(total_timesteps),
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_actor_params", "_critic_params"]
