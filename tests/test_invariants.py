@@ -1,0 +1,252 @@
+"""The invariants that make TRPO what it is: the trust region holds, rejected and skipped steps change nothing,
+the critic never moves the policy, and the policy's parameters are found by structure, not by name."""
+
+import math
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
+from stable_baselines3.common.vec_env import VecEnvWrapper
+
+from sb3_trpo_ext import TRPO
+from sb3_trpo_ext.common.policy_utils import distribution_params
+from tests.helpers import (
+    TINY,
+    bit_identical,
+    detached_copy,
+    make_identity_env,
+    mean_kl_to,
+    parameters_snapshot,
+    torch_distribution,
+)
+
+
+def collected_model(kind: str = "box", **kwargs: object) -> TRPO:
+    """A tiny model with a freshly collected rollout buffer, ready for ``train()``."""
+    kwargs.setdefault("policy_kwargs", TINY)
+    model = TRPO("MlpPolicy", make_identity_env(kind), n_steps=64, batch_size=32, seed=0, **kwargs)  # type: ignore[arg-type]
+    model.learn(64)  # one rollout and one update; the next train() call re-uses this buffer
+    return model
+
+
+def buffer_batch(model: TRPO) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+    data = next(model.rollout_buffer.get(batch_size=None))
+    actions = data.actions.long().flatten() if isinstance(model.action_space, gym.spaces.Discrete) else data.actions
+    advantages = (data.advantages - data.advantages.mean()) / (data.advantages.std() + 1e-8)
+    return data.observations, actions, data.old_log_prob, advantages
+
+
+@pytest.mark.parametrize("kind", ["box", "discrete", "multidiscrete", "multibinary"])
+@pytest.mark.parametrize("target_kl", [0.001, 0.05])
+def test_accepted_step_satisfies_the_trust_region(kind: str, target_kl: float) -> None:
+    model = collected_model(kind, target_kl=target_kl, cg_damping=0.01)
+    observations, *_ = buffer_batch(model)
+    accepted = 0
+    for _ in range(4):
+        old = [detached_copy(d) for d in torch_distribution(model, observations)]
+        model.logger.dump()
+        model.train()
+        values = model.logger.name_to_value
+        if values["train/line_search_success"] == 1.0:
+            accepted += 1
+            # KL(old || new) by torch's own kl_divergence, independent of the package's formulas
+            kl = mean_kl_to(model, old, observations)
+            assert kl <= target_kl * (1 + 1e-5)
+            assert values["train/kl"] == pytest.approx(kl, rel=1e-3, abs=1e-7)
+            assert values["train/surrogate_after"] > values["train/surrogate_before"]
+        model.logger.dump()
+    assert accepted > 0
+
+
+def test_rejected_line_search_restores_parameters_bit_identically() -> None:
+    model = collected_model("box")
+    observations, actions, old_log_prob, advantages = buffer_batch(model)
+    params, _ = model._split_parameters(observations)
+    snapshot = parameters_snapshot(params)
+    new = distribution_params(model.policy.get_distribution(observations)).detach()
+    from sb3_trpo_ext.trpo.trpo import PolicyStepStats
+
+    stats = PolicyStepStats(surrogate_before=0.0)
+    huge_step = 1e3 * th.ones(sum(p.numel() for p in params))  # far outside any trust region
+    model.line_search_max_iter = 3
+    model._line_search(params, huge_step, observations, actions, old_log_prob, advantages, new, 0.0, stats)
+    assert not stats.accepted
+    assert stats.kl is None
+    assert stats.backtracks == 3
+    assert bit_identical(params, snapshot)
+
+
+def test_failed_line_search_is_logged_as_a_failure_not_as_zero_kl() -> None:
+    model = collected_model("box", line_search_max_iter=1)
+    # A surrogate that cannot improve: zero advantages after normalisation are impossible, so flip their sign
+    # at evaluation time by making every candidate look worse than the old policy.
+    original = model._surrogate
+
+    def worse_surrogate(*args: th.Tensor) -> tuple[th.Tensor, object]:
+        surrogate, params = original(*args)
+        if not th.is_grad_enabled():
+            surrogate = surrogate - 1e6
+        return surrogate, params
+
+    model._surrogate = worse_surrogate  # type: ignore[method-assign]
+    params, _ = model._split_parameters(buffer_batch(model)[0])
+    snapshot = parameters_snapshot(params)
+    model.logger.dump()  # forget what the update inside learn() recorded
+    model.train()
+    values = model.logger.name_to_value
+    assert values["train/line_search_success"] == 0.0
+    assert "train/kl" not in values
+    assert values["train/surrogate_after"] == values["train/surrogate_before"]
+    assert bit_identical(params, snapshot)
+
+
+@pytest.mark.parametrize("share_features_extractor", [True, False])
+def test_critic_update_leaves_every_policy_parameter_bit_identical(share_features_extractor: bool) -> None:
+    policy_kwargs = {
+        "net_arch": [8],
+        "features_extractor_class": LinearExtractor,
+        "share_features_extractor": share_features_extractor,
+    }
+    model = collected_model("box", policy_kwargs=policy_kwargs)
+    data = next(model.rollout_buffer.get(batch_size=None))
+    actor, critic = model._split_parameters(data.observations)
+    actor_snapshot, critic_snapshot = parameters_snapshot(actor), parameters_snapshot(critic)
+    losses = model._critic_regression(data.observations, data.returns)
+    assert len(losses) == model.n_critic_updates * 2  # 64 samples in minibatches of 32
+    assert bit_identical(actor, actor_snapshot)
+    assert not bit_identical(critic, critic_snapshot)
+    extractor_params = set(map(id, model.policy.pi_features_extractor.parameters()))
+    assert extractor_params <= set(map(id, actor))  # the extractor feeds the actor: it is the actor's
+
+
+class LinearExtractor(BaseFeaturesExtractor):
+    def __init__(self, observation_space: gym.spaces.Box) -> None:
+        super().__init__(observation_space, features_dim=4)
+        self.layer = th.nn.Linear(int(np.prod(observation_space.shape)), 4)
+
+    def forward(self, observations: th.Tensor) -> th.Tensor:
+        return th.tanh(self.layer(observations))
+
+
+class ConfusinglyNamedExtractor(th.nn.Module):
+    """An mlp_extractor whose actor branch is called 'value_stream' and critic branch 'policy_stream'."""
+
+    def __init__(self, features_dim: int) -> None:
+        super().__init__()
+        self.value_stream = th.nn.Sequential(th.nn.Linear(features_dim, 8), th.nn.Tanh())
+        self.policy_stream = th.nn.Sequential(th.nn.Linear(features_dim, 6), th.nn.Tanh())
+        self.latent_dim_pi, self.latent_dim_vf = 8, 6
+
+    def forward(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        return self.forward_actor(features), self.forward_critic(features)
+
+    def forward_actor(self, features: th.Tensor) -> th.Tensor:
+        return self.value_stream(features)
+
+    def forward_critic(self, features: th.Tensor) -> th.Tensor:
+        return self.policy_stream(features)
+
+
+from stable_baselines3.common.policies import ActorCriticPolicy  # noqa: E402
+
+
+class ConfusinglyNamedPolicy(ActorCriticPolicy):
+    def _build_mlp_extractor(self) -> None:
+        self.mlp_extractor = ConfusinglyNamedExtractor(self.features_dim)  # type: ignore[assignment]
+
+
+def test_actor_parameters_are_chosen_by_structure_not_by_name() -> None:
+    env = make_identity_env("box")
+    model = TRPO(ConfusinglyNamedPolicy, env, n_steps=64, batch_size=32, seed=0)
+    observations = th.zeros((1, *env.observation_space.shape))
+    actor, critic = model._split_parameters(observations)
+    policy = model.policy
+    expected_actor = {*map(id, policy.mlp_extractor.value_stream.parameters()), *map(id, policy.action_net.parameters())}
+    expected_actor.add(id(policy.log_std))
+    expected_critic = {*map(id, policy.mlp_extractor.policy_stream.parameters()), *map(id, policy.value_net.parameters())}
+    assert set(map(id, actor)) == expected_actor
+    assert set(map(id, critic)) == expected_critic
+    model.learn(128)  # and it trains
+
+
+class CorruptRewards(VecEnvWrapper):
+    """Makes the rewards (or observations) of one step non-finite."""
+
+    def __init__(self, venv: object, field: str, at_step: int) -> None:
+        super().__init__(venv)  # type: ignore[arg-type]
+        self.field, self.at_step, self.count = field, at_step, 0
+
+    def reset(self) -> np.ndarray:
+        return self.venv.reset()  # type: ignore[return-value]
+
+    def step_wait(self) -> tuple:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        self.count += 1
+        if self.count == self.at_step:
+            if self.field == "reward":
+                rewards = rewards.copy()
+                rewards[0] = np.nan
+            else:
+                obs = obs.copy()
+                obs[0] = np.inf
+        return obs, rewards, dones, infos
+
+
+@pytest.mark.parametrize("field", ["reward", "observation"])
+def test_non_finite_batch_skips_the_update_and_leaves_parameters_bit_identical(field: str) -> None:
+    venv = CorruptRewards(make_vec_env(lambda: make_identity_env("box"), n_envs=1), field, at_step=70)
+    model = TRPO("MlpPolicy", venv, n_steps=64, batch_size=32, policy_kwargs=TINY, seed=0)
+    model.learn(64)  # a clean first update
+    snapshot = parameters_snapshot(list(model.policy.parameters()))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        model.learn(64, reset_num_timesteps=False)  # the second rollout holds the corrupt step
+    assert bit_identical(list(model.policy.parameters()), snapshot)
+    assert model.logger.name_to_value["train/skipped_update"] == 1.0
+
+
+def test_degenerate_conjugate_gradient_direction_skips_the_policy_step() -> None:
+    model = collected_model("box")
+    observations = buffer_batch(model)[0]
+    actor, _ = model._split_parameters(observations)
+    snapshot = parameters_snapshot(actor)
+
+    def negative_curvature(*args: object) -> object:
+        return lambda v: -v  # x^T F x < 0
+
+    model._fisher_vector_product_fn = negative_curvature  # type: ignore[method-assign]
+    model.logger.dump()
+    with pytest.warns(RuntimeWarning, match="degenerate"):
+        model.train()
+    assert bit_identical(actor, snapshot)
+    values = model.logger.name_to_value
+    assert values["train/policy_step_skipped"] == 1.0
+    assert values["train/line_search_success"] == 0.0
+    assert "train/kl" not in values
+    assert math.isfinite(values["train/value_loss"])  # the critic still learns from a finite batch
+
+
+def test_non_finite_gradient_skips_the_policy_step() -> None:
+    model = collected_model("box")
+    actor, _ = model._split_parameters(buffer_batch(model)[0])
+    snapshot = parameters_snapshot(actor)
+    original = model._surrogate
+
+    def nan_surrogate(*args: th.Tensor) -> tuple[th.Tensor, object]:
+        surrogate, params = original(*args)
+        return surrogate * th.tensor(float("nan")), params
+
+    model._surrogate = nan_surrogate  # type: ignore[method-assign]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train()
+    assert any("not finite" in str(w.message) for w in caught)
+    assert bit_identical(actor, snapshot)
+
+
+def test_default_features_extractor_is_parameter_free() -> None:
+    model = collected_model("box")
+    assert isinstance(model.policy.features_extractor, FlattenExtractor)
