@@ -76,7 +76,7 @@ def split_actor_critic_parameters(
         dist_tensors = distribution_params(policy.get_distribution(observations)).tensors
         values = policy.predict_values(observations)
         actor_grads = th.autograd.grad(
-            sum(t.sum() for t in dist_tensors), params, allow_unused=True, retain_graph=False
+            th.stack([t.sum() for t in dist_tensors]).sum(), params, allow_unused=True, retain_graph=False
         )
         critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
     actor = [p for p, g in zip(params, actor_grads) if g is not None]

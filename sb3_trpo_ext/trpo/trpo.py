@@ -399,11 +399,11 @@ class TRPO(OnPolicyAlgorithm):
                 surrogate, new = self._surrogate(observations, actions, old_log_prob, advantages)
                 kl = kl_old_new(old, new).mean().item()
                 surrogate_value = surrogate.item()
-                if math.isfinite(kl) and math.isfinite(surrogate_value):
-                    if kl <= self.target_kl and surrogate_value > surrogate_before:
-                        stats.accepted, stats.backtracks = True, i
-                        stats.kl, stats.surrogate_after = kl, surrogate_value
-                        return
+                # Acceptance rule: inside the trust region on the true KL, and a better surrogate (NaN fails both)
+                if kl <= self.target_kl and surrogate_value > surrogate_before:
+                    stats.accepted, stats.backtracks = True, i
+                    stats.kl, stats.surrogate_after = kl, surrogate_value
+                    return
                 coefficient *= self.line_search_shrinking_factor
             assign_flat_parameters(params, theta_old)
         stats.backtracks = self.line_search_max_iter
@@ -447,7 +447,9 @@ class TRPO(OnPolicyAlgorithm):
         stats.expected_improvement = th.dot(grad, full_step).item()
 
         # 4. Backtracking line search on the true KL and surrogate
-        self._line_search(params, full_step, observations, actions, old_log_prob, advantages, old, stats.surrogate_before, stats)
+        self._line_search(
+            params, full_step, observations, actions, old_log_prob, advantages, old, stats.surrogate_before, stats
+        )
         return stats
 
     def _critic_regression(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:

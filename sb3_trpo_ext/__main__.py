@@ -1,0 +1,61 @@
+"""``python -m sb3_trpo_ext``: train TRPO on an environment (CartPole-v1 by default) and print its evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+
+from sb3_trpo_ext import TRPO, __version__
+
+# The RL Zoo's tuned TRPO settings for CartPole-v1 (rl_zoo3 2.9.2, hyperparams/trpo.yml)
+CARTPOLE_SETTINGS = {
+    "n_steps": 512,
+    "batch_size": 512,
+    "cg_damping": 1e-3,
+    "gae_lambda": 0.98,
+    "gamma": 0.99,
+    "learning_rate": 1e-3,
+    "n_critic_updates": 20,
+}
+
+
+def main(argv: list[str] | None = None) -> float:
+    """
+    Train and evaluate.
+
+    :param argv: Command-line arguments (``sys.argv[1:]`` when ``None``)
+    :return: Mean evaluation return
+    """
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--env", default="CartPole-v1", help="Gymnasium environment id")
+    parser.add_argument("--timesteps", type=float, default=1e5, help="training budget in environment steps")
+    parser.add_argument("--n-envs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--save", default=None, help="where to save the trained model (.zip)")
+    parser.add_argument("--no-progress-bar", action="store_true")
+    args = parser.parse_args(argv)
+
+    settings = CARTPOLE_SETTINGS if args.env == "CartPole-v1" else {}
+    env = make_vec_env(args.env, n_envs=args.n_envs, seed=args.seed)
+    model = TRPO("MlpPolicy", env, seed=args.seed, **settings)  # type: ignore[arg-type]
+    print(f"sb3_trpo_ext {__version__}: training TRPO on {args.env} for {int(args.timesteps)} steps")
+    start = time.perf_counter()
+    model.learn(args.timesteps, progress_bar=not args.no_progress_bar)
+    elapsed = time.perf_counter() - start
+    if args.save:
+        model.save(args.save)
+    eval_env = make_vec_env(args.env, n_envs=1, seed=args.seed + 1000)
+    mean_return, std_return = evaluate_policy(model, eval_env, n_eval_episodes=args.eval_episodes, deterministic=True)
+    print(
+        f"Evaluation on {args.env}: mean return {mean_return:.1f} +/- {std_return:.1f} over {args.eval_episodes} "
+        f"deterministic episodes (trained in {elapsed:.0f} s, {model.num_timesteps / elapsed:.0f} steps/s)"
+    )
+    return float(mean_return)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()
