@@ -1,0 +1,397 @@
+"""RL Zoo integration (``--algo trpo_ext``): the zoo's real command lines run as subprocesses on tiny budgets, the
+packaged hyperparameter file checked against the zoo's ``trpo.yml``, and the start-up hook kept cheap and harmless.
+
+The subprocesses run in a temporary folder, so they see the installed package (the ``.pth`` hook included), not the
+source tree: these tests need ``pip install -e .`` (or a wheel install) first, as the README says.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import optuna
+import pytest
+import yaml
+from stable_baselines3.common.base_class import BaseAlgorithm
+
+import sb3_trpo_ext
+from sb3_trpo_ext import TRPO
+from sb3_trpo_ext.zoo import (
+    HYPERPARAMS_DIR,
+    ZOO_ALGORITHMS,
+    available_algorithms,
+    convert_trpo_ext_params,
+    hyperparams_file,
+    sample_trpo_ext_params,
+)
+
+rl_zoo3 = pytest.importorskip("rl_zoo3", reason="RL Zoo is an optional dependency: pip install sb3_trpo_ext[zoo]")
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO_TRPO_YML = Path(rl_zoo3.__file__).resolve().parent / "hyperparams" / "trpo.yml"
+PACKAGED_YML = HYPERPARAMS_DIR / "trpo_ext.yml"
+REPOSITORY_YML = ROOT / "hyperparams" / "trpo_ext.yml"
+MUJOCO_ENVS = [
+    "HalfCheetah",
+    "Hopper",
+    "Walker2d",
+    "Ant",
+    "Swimmer",
+    "Humanoid",
+    "Reacher",
+    "InvertedPendulum",
+    "InvertedDoublePendulum",
+]
+# Optuna seeds whose first trials ask for short rollouts (n_steps <= 512): the zoo's TRPO space goes up to
+# 4096 steps x 2 envs with mini-batches of 4, a minute of critic updates for a single trial.
+RANDOM_SEED, TPE_SEED = 51, 35
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    with open(path) as file:
+        return yaml.safe_load(file)
+
+
+def zoo(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run one zoo command line (``python -m rl_zoo3.train ...``, ``rl_zoo3 train ...``) and require success."""
+    command = [str(arg) for arg in args]
+    if command[0] == "python":
+        command[0] = sys.executable
+    elif command[0] == "rl_zoo3":
+        script = Path(sys.executable).with_name("rl_zoo3")
+        command[0] = str(script) if script.exists() else str(shutil.which("rl_zoo3"))
+    # One torch thread per process: the machine's cores are shared with the rest of the suite.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    hint = ""
+    if "invalid choice: 'trpo_ext'" in result.stderr:
+        hint = "\n(trpo_ext is not registered: is sb3_trpo_ext installed, with `pip install -e .`?)"
+    assert result.returncode == 0, (
+        f"{' '.join(command)} exited with {result.returncode}{hint}\n"
+        f"--- stdout ---\n{result.stdout[-5000:]}\n--- stderr ---\n{result.stderr[-5000:]}"
+    )
+    return result
+
+
+def saved_run(stdout: str) -> Path:
+    """The run folder that ``rl_zoo3.train`` reports as ``Saving to ...``."""
+    match = re.search(r"^Saving to (.+)$", stdout, flags=re.MULTILINE)
+    assert match is not None, stdout[-3000:]
+    return Path(match.group(1).strip())
+
+
+def read_saved_config(run: Path, env_id: str) -> dict[str, Any]:
+    """The hyperparameters a zoo run saved in ``<run>/<env>/config.yml`` (an OrderedDict dump, read as enjoy does)."""
+    with open(run / env_id / "config.yml") as file:
+        return dict(yaml.load(file, Loader=yaml.UnsafeLoader))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(scope="module")
+def trained(workdir: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One CartPole agent trained by the zoo, shared by enjoy, record_video, plots and continued training."""
+    result = zoo(
+        "python", "-m", "rl_zoo3.train", "--algo", "trpo_ext", "--env", "CartPole-v1",
+        "-n", "256", "--seed", "3", "--eval-freq", "256", "--eval-episodes", "2", "-f", "logs",
+        cwd=workdir,
+    )  # fmt: skip
+    return workdir / saved_run(result.stdout), result
+
+
+# --- Registration -------------------------------------------------------------------------------------------------
+
+
+def test_start_up_hook_is_installed_and_light(tmp_path: Path) -> None:
+    code = (
+        "import json, sys; import numpy; "
+        "print(json.dumps({'modules': sorted(sys.modules), 'finders': [type(f).__name__ for f in sys.meta_path]}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    state = json.loads(result.stdout)
+    assert "ZooImportHook" in state["finders"], "the sb3_trpo_ext_zoo.pth start-up hook is not installed"
+    assert "_sb3_trpo_ext_zoo_hook" in state["modules"]
+    heavy = {"torch", "sb3_trpo_ext", "stable_baselines3", "rl_zoo3", "gymnasium", "optuna"}
+    assert heavy.isdisjoint(state["modules"]), heavy & set(state["modules"])
+
+
+def test_zoo_keys_after_import() -> None:
+    import sb3_contrib
+    from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER, HYPERPARAMS_SAMPLER
+    from rl_zoo3.utils import ALGOS
+
+    assert ALGOS["trpo_ext"] is sb3_trpo_ext.TRPO
+    assert ALGOS["trpo"] is sb3_contrib.TRPO  # the zoo's own key is untouched
+    assert HYPERPARAMS_SAMPLER["trpo_ext"] is sample_trpo_ext_params
+    assert HYPERPARAMS_CONVERTER["trpo_ext"] is convert_trpo_ext_params
+    for key in ("trpo_ext_mask", "trpo_ext_lstm"):
+        assert (key in ALGOS) == (key in available_algorithms())
+
+
+def test_experiment_manager_reads_the_packaged_file_only_for_our_keys(tmp_path: Path) -> None:
+    from rl_zoo3.exp_manager import ExperimentManager
+
+    def config(algo: str, **kwargs: Any) -> str:
+        return ExperimentManager(Namespace(), algo, "CartPole-v1", str(tmp_path), **kwargs).config
+
+    assert config("trpo_ext") == str(PACKAGED_YML)
+    assert config("trpo") == str(ZOO_TRPO_YML)
+    assert config("trpo_ext", config=str(ZOO_TRPO_YML)) == str(ZOO_TRPO_YML)
+    assert config("trpo_ext_lstm") == str(hyperparams_file("trpo_ext_lstm"))
+
+
+def test_registration_table_skips_missing_classes() -> None:
+    package = types.ModuleType("fake_sb3_trpo_ext")
+    package.TRPO = TRPO  # type: ignore[attr-defined]
+    assert list(available_algorithms(package)) == ["trpo_ext"]
+    package.MaskableTRPO = TRPO  # type: ignore[attr-defined]  # any class: only its presence matters here
+    assert list(available_algorithms(package)) == ["trpo_ext", "trpo_ext_mask"]
+    assert [row.key for row in ZOO_ALGORITHMS] == ["trpo_ext", "trpo_ext_mask", "trpo_ext_lstm"]
+
+
+def test_broken_package_leaves_the_zoo_working(tmp_path: Path) -> None:
+    # What a half-uninstalled package looks like to the hook: sb3_trpo_ext cannot be imported.
+    code = (
+        "import sys; sys.modules['sb3_trpo_ext'] = None\n"
+        "import warnings; warnings.simplefilter('always')\n"
+        "from rl_zoo3.utils import ALGOS\n"
+        "import rl_zoo3.exp_manager\n"
+        "assert 'trpo_ext' not in ALGOS and 'trpo' in ALGOS and 'ppo' in ALGOS, sorted(ALGOS)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "could not register its algorithms with RL Zoo" in result.stderr
+
+
+# --- Hyperparameters ----------------------------------------------------------------------------------------------
+
+
+def test_packaged_hyperparams_keep_every_zoo_trpo_entry() -> None:
+    zoo_entries, ours = load_yaml(ZOO_TRPO_YML), load_yaml(PACKAGED_YML)
+    assert "default" in ours
+    for env_id, hyperparams in zoo_entries.items():
+        assert env_id in ours, env_id
+        assert ours[env_id] == hyperparams, env_id
+
+
+@pytest.mark.parametrize("name", MUJOCO_ENVS)
+def test_mujoco_v5_entries_carry_the_v4_values(name: str) -> None:
+    zoo_entries, ours = load_yaml(ZOO_TRPO_YML), load_yaml(PACKAGED_YML)
+    # Environments without a tuned -v4 entry get the zoo's MuJoCo defaults (the `&mujoco-defaults` anchor, Ant-v4).
+    assert ours[f"{name}-v5"] == zoo_entries.get(f"{name}-v4", zoo_entries["Ant-v4"])
+
+
+def test_repository_hyperparams_is_the_packaged_file() -> None:
+    assert REPOSITORY_YML.read_bytes() == PACKAGED_YML.read_bytes()
+
+
+def substitute_env(env_id: str, hyperparams: dict[str, Any]) -> gym.Env:
+    """The environment itself when it can be made here, else a continuous-action stand-in (Pendulum)."""
+    try:
+        return gym.make(env_id, **hyperparams.get("env_kwargs", {}))
+    except (gym.error.Error, ImportError, OSError):
+        return gym.make("Pendulum-v1")
+
+
+def test_every_entry_builds_a_trpo(tmp_path: Path) -> None:
+    from rl_zoo3.exp_manager import ExperimentManager
+
+    # The zoo's own pre-processing (schedules, normalize, policy_kwargs strings, n_envs...) then our constructor.
+    manager = ExperimentManager(Namespace(), "trpo_ext", "CartPole-v1", str(tmp_path))
+    for env_id, entry in load_yaml(PACKAGED_YML).items():
+        hyperparams, *_ = manager._preprocess_hyperparams(copy.deepcopy(entry))
+        env = substitute_env(env_id, entry)
+        try:
+            model = TRPO(env=env, device="cpu", **hyperparams)
+        except Exception as error:
+            raise AssertionError(f"{env_id}: {hyperparams}") from error
+        finally:
+            env.close()
+        assert isinstance(model, BaseAlgorithm)
+
+
+@pytest.mark.filterwarnings("ignore:You have specified a mini-batch size")  # the zoo's space allows it
+def test_sampler_proposals_build_a_trpo() -> None:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    for _ in range(8):
+        trial = study.ask()
+        proposed = sample_trpo_ext_params(trial, 1, 2, {})
+        assert convert_trpo_ext_params(trial.params) == proposed  # what `--trial-id` reloads
+        model = TRPO("MlpPolicy", "Pendulum-v1", device="cpu", **proposed)
+        assert model.n_steps == proposed["n_steps"]
+        study.tell(trial, 0.0)
+
+
+# --- Command lines ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_reads_the_packaged_hyperparameters(trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    run, result = trained
+    assert f"Loading hyperparameters from: {PACKAGED_YML}" in result.stdout
+    assert run.parent.name == "trpo_ext" and run.name == "CartPole-v1_1"
+    assert read_saved_config(run, "CartPole-v1") == load_yaml(PACKAGED_YML)["CartPole-v1"]
+    for name in ("CartPole-v1.zip", "best_model.zip", "evaluations.npz", "0.monitor.csv", "CartPole-v1/args.yml"):
+        assert (run / name).exists(), name
+    model = TRPO.load(run / "CartPole-v1.zip", device="cpu")
+    assert model.num_timesteps >= 256
+
+
+@pytest.mark.slow
+def test_continue_training_from_a_saved_agent(trained: tuple[Path, subprocess.CompletedProcess[str]], workdir: Path) -> None:
+    run, _ = trained
+    result = zoo(
+        "rl_zoo3", "train", "--algo", "trpo_ext", "--env", "CartPole-v1", "-n", "256", "--eval-freq", "-1",
+        "-f", "continued", "-i", run / "CartPole-v1.zip",
+        cwd=workdir,
+    )  # fmt: skip
+    assert "Loading pretrained agent" in result.stdout
+    before = TRPO.load(run / "CartPole-v1.zip", device="cpu").policy.state_dict()
+    after = TRPO.load(workdir / saved_run(result.stdout) / "CartPole-v1.zip", device="cpu").policy.state_dict()
+    assert before.keys() == after.keys()
+    assert any(not (before[name] == after[name]).all() for name in before), "the loaded agent was not trained further"
+
+
+@pytest.mark.slow
+def test_enjoy(trained: tuple[Path, subprocess.CompletedProcess[str]], workdir: Path) -> None:
+    run, _ = trained
+    result = zoo(
+        "python", "-m", "rl_zoo3.enjoy", "--algo", "trpo_ext", "--env", "CartPole-v1", "-f", "logs/", "--no-render",
+        "-n", "200", "--exp-id", "1",
+        cwd=workdir,
+    )  # fmt: skip
+    assert f"Loading {run.relative_to(workdir) / 'CartPole-v1.zip'}" in result.stdout
+    assert "Mean reward" in result.stdout
+
+
+@pytest.mark.slow
+def test_record_video(trained: tuple[Path, subprocess.CompletedProcess[str]], workdir: Path) -> None:
+    for module in ("moviepy", "pygame"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"record_video needs {module} (pip install sb3_trpo_ext[zoo])")
+    zoo(
+        "python", "-m", "rl_zoo3.record_video", "--algo", "trpo_ext", "--env", "CartPole-v1", "-f", "logs/",
+        "-n", "50", "--exp-id", "1", "-o", "videos",
+        cwd=workdir,
+    )  # fmt: skip
+    assert list((workdir / "videos").glob("*trpo_ext-CartPole-v1*.mp4"))
+
+
+@pytest.mark.slow
+def test_plot_train(trained: tuple[Path, subprocess.CompletedProcess[str]], workdir: Path) -> None:
+    result = zoo(
+        "python", "-m", "rl_zoo3.plots.plot_train", "--algo", "trpo_ext", "--env", "CartPole-v1", "-f", "logs/",
+        "-w", "2",
+        cwd=workdir,
+    )  # fmt: skip
+    assert "No artists with labels" not in result.stderr, "plot_train found no trpo_ext training curve"
+
+
+@pytest.mark.slow
+def test_conf_file_with_the_zoo_trpo_yml(tmp_path: Path) -> None:
+    result = zoo(
+        "python", "-m", "rl_zoo3.train", "--algo", "trpo_ext", "--env", "CartPole-v1", "-n", "256",
+        "--eval-freq", "-1", "--conf-file", ZOO_TRPO_YML,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert f"Loading hyperparameters from: {ZOO_TRPO_YML}" in result.stdout
+    assert read_saved_config(tmp_path / saved_run(result.stdout), "CartPole-v1") == load_yaml(ZOO_TRPO_YML)["CartPole-v1"]
+
+
+@pytest.mark.slow
+def test_subproc_vec_env(tmp_path: Path) -> None:
+    result = zoo(
+        "python", "-m", "rl_zoo3.train", "--algo", "trpo_ext", "--env", "CartPole-v1", "-n", "256",
+        "--eval-freq", "-1", "--vec-env", "subproc", "-params", "n_envs:4", "n_steps:64",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "Using 4 environments" in result.stdout
+    run = tmp_path / saved_run(result.stdout)
+    assert sorted(path.name for path in run.glob("*.monitor.csv")) == [f"{i}.monitor.csv" for i in range(4)]
+
+
+@pytest.mark.slow
+def test_mujoco_v5_with_progress_bar_and_seed(tmp_path: Path) -> None:
+    pytest.importorskip("mujoco")
+    result = zoo(
+        "python", "-m", "rl_zoo3.train", "--algo", "trpo_ext", "--env", "HalfCheetah-v5", "-P", "--seed", "3",
+        "-n", "256", "--eval-freq", "-1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "Seed: 3" in result.stdout
+    config = read_saved_config(tmp_path / saved_run(result.stdout), "HalfCheetah-v5")
+    assert config == load_yaml(PACKAGED_YML)["HalfCheetah-v5"]
+
+
+def finished_trials(report_folder: Path, sampler: str) -> list[dict[str, str]]:
+    (report,) = report_folder.glob(f"report_Pendulum-v1_2-trials-256-{sampler}-*.csv")
+    with open(report) as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sampler", "options"),
+    [
+        ("random", ["--seed", str(RANDOM_SEED), "--n-jobs", "2"]),
+        # One start-up trial, so that the second trial comes from TPE's model rather than from random sampling.
+        ("tpe", ["--seed", str(TPE_SEED), "--n-startup-trials", "1"]),
+    ],
+)
+def test_optimize(sampler: str, options: list[str], tmp_path: Path) -> None:
+    result = zoo(
+        "python", "-m", "rl_zoo3.train", "--algo", "trpo_ext", "--env", "Pendulum-v1", "-optimize",
+        "--n-trials", "2", "--sampler", sampler, *options, "-n", "256", "--n-evaluations", "1",
+        "--eval-episodes", "1", "--no-optim-plots",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert f"Sampler: {sampler}" in result.stdout
+    trials = finished_trials(tmp_path / "logs" / "trpo_ext", sampler)
+    assert [trial["state"] for trial in trials] == ["COMPLETE", "COMPLETE"]
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(tmp_path: Path) -> None:
+    storage = tmp_path / "optuna" / "study.log"  # the zoo opens a `.log` path as an Optuna journal file
+    command = [
+        sys.executable, "-m", "rl_zoo3.train", "--algo", "trpo_ext", "--env", "Pendulum-v1", "-optimize",
+        "--n-trials", "1", "--sampler", "random", "-n", "256", "--n-evaluations", "1", "--eval-episodes", "1",
+        "--no-optim-plots", "--storage", str(storage), "--study-name", "shared-trpo-ext",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [
+        subprocess.Popen(
+            [*command, "--seed", str(RANDOM_SEED + worker), "-f", f"worker{worker}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for worker in range(2)
+    ]
+    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    for worker, output in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, output[-5000:]
+
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(storage)))
+    study = optuna.load_study(study_name="shared-trpo-ext", storage=journal)
+    assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert all(re.search(r"Trial \d finished", output) for output in outputs), "each worker ran one trial"
