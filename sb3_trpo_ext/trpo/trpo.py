@@ -12,12 +12,18 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.torch_layers import FlattenExtractor, MlpExtractor
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
-from stable_baselines3.common.utils import explained_variance
+from stable_baselines3.common.utils import explained_variance, obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
+from torch import nn
 from torch.nn import functional as F
 
+from sb3_trpo_ext.common.critic import FastMlpCritic
 from sb3_trpo_ext.common.numerics import (
     DistParams,
     assign_flat_parameters,
@@ -71,6 +77,25 @@ class PolicyStepStats:
     expected_improvement: float = math.nan
     std: float | None = None
     skipped: str | None = None
+
+
+def _plain_mlp(net: nn.Module) -> list[nn.Module] | None:
+    """The layers of an ``nn.Sequential`` made only of ``Linear``, ``Tanh`` and ``ReLU`` (else ``None``)."""
+    if type(net) is not nn.Sequential or not all(type(m) in (nn.Linear, nn.Tanh, nn.ReLU) for m in net):
+        return None
+    return list(net)
+
+
+def _run_plain_mlp(layers: list[nn.Module], x: th.Tensor) -> th.Tensor:
+    """Forward pass through :func:`_plain_mlp` layers with the functional ops their modules use."""
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            x = F.linear(x, layer.weight, layer.bias)
+        elif isinstance(layer, nn.Tanh):
+            x = th.tanh(x)
+        else:
+            x = th.relu(x)
+    return x
 
 
 def _check_range(name: str, value: float, valid: bool, valid_range: str) -> None:
@@ -311,12 +336,112 @@ class TRPO(OnPolicyAlgorithm):
             )
 
     # ----------------------------------------------------------------------------------------------------------
+    # Rollouts
+    # ----------------------------------------------------------------------------------------------------------
+    def _lean_policy_step(self) -> Callable[[PyTorchObs], tuple[th.Tensor, th.Tensor, th.Tensor]] | None:
+        """
+        A cheaper replacement of ``policy(obs)`` during rollouts for SB3's own ``ActorCriticPolicy`` with a diagonal
+        Gaussian: the same modules and the same random draws (``torch.normal``, as ``Normal.sample``), without building
+        ``torch.distributions`` objects, so actions, values and log-probabilities are bit-identical. ``None`` when the
+        policy is anything else (a subclass, gSDE, squashed or discrete actions): SB3's generic path is used then.
+        """
+        policy = self.policy
+        if type(policy) not in (ActorCriticPolicy, MultiInputPolicy, CnnPolicy) or self.use_sde:
+            return None
+        if type(policy.action_dist) is not DiagGaussianDistribution or policy.squash_output:
+            return None
+        if not isinstance(policy.value_net, nn.Linear) or not isinstance(policy.action_net, nn.Linear):
+            return None
+        action_shape = (-1, *self.action_space.shape)  # type: ignore[misc]
+        half_log_two_pi = math.log(math.sqrt(2 * math.pi))
+        actor_net = _plain_mlp(policy.mlp_extractor.policy_net) if type(policy.mlp_extractor) is MlpExtractor else None
+        critic_net = _plain_mlp(policy.mlp_extractor.value_net) if type(policy.mlp_extractor) is MlpExtractor else None
+        flat_features = type(policy.features_extractor) is FlattenExtractor and isinstance(self.observation_space, spaces.Box)
+
+        def latents(obs_tensor: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
+            if flat_features and actor_net is not None and critic_net is not None:
+                # Same operations as the modules' forward passes, without the per-module call overhead
+                features = th.flatten(obs_tensor.float(), 1)  # type: ignore[union-attr]
+                return _run_plain_mlp(actor_net, features), _run_plain_mlp(critic_net, features)
+            all_features = policy.extract_features(obs_tensor)
+            if policy.share_features_extractor:
+                return policy.mlp_extractor(all_features)
+            pi_features, vf_features = all_features
+            return policy.mlp_extractor.forward_actor(pi_features), policy.mlp_extractor.forward_critic(vf_features)
+
+        value_head, action_head = policy.value_net, policy.action_net
+        assert isinstance(value_head, nn.Linear) and isinstance(action_head, nn.Linear)
+
+        def step(obs_tensor: PyTorchObs) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+            latent_pi, latent_vf = latents(obs_tensor)
+            values = F.linear(latent_vf, value_head.weight, value_head.bias)
+            mean = F.linear(latent_pi, action_head.weight, action_head.bias)
+            std = th.ones_like(mean) * policy.log_std.exp()
+            actions = th.normal(mean, std)
+            # log N(a; mean, std), term by term as torch.distributions.Normal.log_prob, summed over action dimensions
+            log_prob = -((actions - mean) ** 2) / (2 * std**2) - std.log() - half_log_two_pi
+            return actions.reshape(action_shape), values, log_prob.sum(dim=1)
+
+        return step
+
+    def collect_rollouts(
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
+    ) -> bool:
+        """
+        Collect ``n_rollout_steps`` steps per environment into ``rollout_buffer``: SB3's ``collect_rollouts``
+        (callbacks and their ``locals``, time-limit bootstrapping, episode statistics, VecNormalize, Dict observations)
+        with the policy's forward pass replaced by :meth:`_lean_policy_step` where that applies. The policy's weights
+        are fixed during a rollout.
+        """
+        policy_step = self._lean_policy_step()
+        if policy_step is None:
+            return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        assert self._last_obs is not None, "No previous observation was provided"
+        self.policy.set_training_mode(False)
+        n_steps = 0
+        rollout_buffer.reset()
+        callback.on_rollout_start()
+        low, high = self.action_space.low, self.action_space.high  # type: ignore[attr-defined]
+        while n_steps < n_rollout_steps:
+            with th.no_grad():
+                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
+                action_tensor, values, log_probs = policy_step(obs_tensor)
+            actions = action_tensor.cpu().numpy()
+            clipped_actions = np.clip(actions, low, high)
+            new_obs, rewards, dones, infos = env.step(clipped_actions)
+            self.num_timesteps += env.num_envs
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+            # An episode cut by a time limit is not over: bootstrap its last reward with gamma * V(terminal obs)
+            for idx, done in enumerate(dones):
+                info = infos[idx]
+                if done and info.get("terminal_observation") is not None and info.get("TimeLimit.truncated", False):
+                    terminal_obs = self.policy.obs_to_tensor(info["terminal_observation"])[0]
+                    with th.no_grad():
+                        terminal_value = self.policy.predict_values(terminal_obs)[0]  # type: ignore[arg-type]
+                    rewards[idx] += self.gamma * terminal_value
+            rollout_buffer.add(self._last_obs, actions, rewards, self._last_episode_starts, values, log_probs)  # type: ignore[arg-type]
+            self._last_obs = new_obs  # type: ignore[assignment]
+            self._last_episode_starts = dones
+        with th.no_grad():
+            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))  # type: ignore[arg-type]
+        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    # ----------------------------------------------------------------------------------------------------------
     # Training
     # ----------------------------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
         super()._setup_model()
         self._actor_params: list[th.nn.Parameter] | None = None
         self._critic_params: list[th.nn.Parameter] | None = None
+        # None: not decided yet; False: the generic autograd path is used
+        self._fast_critic: FastMlpCritic | bool | None = None
 
     def _split_parameters(self, observations: PyTorchObs) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
         """Actor and critic parameters of the current policy, found once by structure (see the class docstring)."""
@@ -465,8 +590,16 @@ class TRPO(OnPolicyAlgorithm):
         optimizer = self.policy.optimizer
         n_samples = returns.shape[0]
         losses: list[float] = []
-        if not critic_params:
+        if not critic_params or self.n_critic_updates == 0:
             return losses
+        if self._fast_critic is None:
+            fast = FastMlpCritic.build(self.policy.mlp_extractor, self.policy.value_net, critic_params, optimizer)
+            self._fast_critic = fast if fast is not None else False
+        if isinstance(self._fast_critic, FastMlpCritic):
+            # The critic's input features do not depend on critic parameters: compute them once for all epochs
+            with th.no_grad():
+                features = BasePolicy.extract_features(self.policy, observations, self.policy.vf_features_extractor)
+            return self._fast_critic.fit(features, returns, self.batch_size, self.n_critic_updates)
         for _ in range(self.n_critic_updates):
             permutation = th.randperm(n_samples, device=returns.device)
             for start in range(0, n_samples, self.batch_size):
@@ -578,4 +711,4 @@ class TRPO(OnPolicyAlgorithm):
         )
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_actor_params", "_critic_params"]
+        return [*super()._excluded_save_params(), "_actor_params", "_critic_params", "_fast_critic"]

@@ -1,0 +1,160 @@
+"""
+Critic regression without per-minibatch overhead.
+
+TRPO fits its value function with many small Adam steps (the RL Zoo's MuJoCo settings: 20 epochs of 16 minibatches
+per update). With autograd and ``optimizer.step()`` each step costs far more in Python and dispatch overhead than in
+arithmetic. For the standard SB3 critic, an MLP (``nn.Sequential`` of ``Linear`` and ``Tanh``/``ReLU``) followed by a
+``Linear`` value head, :class:`FastMlpCritic` writes the forward and backward passes out by hand and applies the Adam
+update with PyTorch's fused kernel on the optimizer's own state tensors, so saving, loading and the learning-rate
+schedule see an ordinary ``torch.optim.Adam``. Any other critic or optimizer falls back to the generic autograd path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch as th
+from stable_baselines3.common.torch_layers import MlpExtractor
+from torch import nn
+from torch.optim.adam import adam as functional_adam
+
+_ACTIVATIONS = (nn.Tanh, nn.ReLU)
+
+
+class FastMlpCritic:
+    """
+    Hand-written value regression for ``value_net(mlp_extractor.value_net(features))``.
+
+    :param layers: The critic's linear layers, the value head last
+    :param activations: The activation after each hidden layer (one fewer than ``layers``)
+    :param optimizer: The policy's Adam optimizer, whose state tensors are updated in place
+    """
+
+    def __init__(self, layers: Sequence[nn.Linear], activations: Sequence[nn.Module], optimizer: th.optim.Adam) -> None:
+        self.layers = list(layers)
+        self.activations = list(activations)
+        self.optimizer = optimizer
+        self.params: list[th.Tensor] = [p for layer in self.layers for p in (layer.weight, layer.bias)]
+
+    @staticmethod
+    def build(
+        mlp_extractor: nn.Module, value_head: nn.Module, critic_params: Sequence[nn.Parameter], optimizer: th.optim.Optimizer
+    ) -> FastMlpCritic | None:
+        """
+        :return: A fast critic if the architecture and the optimizer are the standard ones, else ``None``
+        """
+        if type(mlp_extractor) is not MlpExtractor or not isinstance(value_head, nn.Linear) or value_head.bias is None:
+            return None
+        if type(optimizer) is not th.optim.Adam or len(optimizer.param_groups) != 1:
+            return None
+        for group in optimizer.param_groups:
+            if group["weight_decay"] != 0 or group["amsgrad"] or group["maximize"] or group["differentiable"]:
+                return None
+            if group.get("capturable") or group.get("decoupled_weight_decay"):
+                return None
+        layers: list[nn.Linear] = []
+        activations: list[nn.Module] = []
+        modules = list(mlp_extractor.value_net)
+        for i, module in enumerate(modules):
+            if i % 2 == 0 and isinstance(module, nn.Linear) and module.bias is not None:
+                layers.append(module)
+            elif i % 2 == 1 and isinstance(module, _ACTIVATIONS):
+                activations.append(module)
+            else:
+                return None
+        if len(layers) != len(activations):
+            return None
+        layers.append(value_head)
+        critic = FastMlpCritic(layers, activations, optimizer)
+        if {id(p) for p in critic.params} != {id(p) for p in critic_params}:
+            return None
+        if any(p.dtype != th.float32 or p.is_sparse for p in critic.params):
+            return None
+        return critic
+
+    def _optimizer_state(self) -> tuple[list[th.Tensor], list[th.Tensor], list[th.Tensor]]:
+        """The Adam state of each critic parameter, created as ``torch.optim.Adam`` would on its first step."""
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for param in self.params:
+            state = self.optimizer.state[param]
+            if len(state) == 0:
+                state["step"] = th.tensor(0.0, dtype=th.float32, device=param.device)
+                state["exp_avg"] = th.zeros_like(param, memory_format=th.preserve_format)
+                state["exp_avg_sq"] = th.zeros_like(param, memory_format=th.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, steps
+
+    def loss_and_gradients(self, features: th.Tensor, returns: th.Tensor) -> tuple[th.Tensor, list[th.Tensor]]:
+        """
+        Mean squared error ``mean((V(s) - R)^2)`` and its gradient with respect to each parameter, by backpropagation
+        written out for the MLP.
+
+        :param features: Critic inputs, shape ``(batch, features_dim)``
+        :param returns: Regression targets, shape ``(batch,)``
+        :return: The loss and one gradient per parameter, in the order of ``self.params``
+        """
+        hidden = [features]
+        for layer, activation in zip(self.layers[:-1], self.activations):
+            pre = th.addmm(layer.bias, hidden[-1], layer.weight.t())
+            hidden.append(th.tanh(pre) if isinstance(activation, nn.Tanh) else th.relu(pre))
+        head = self.layers[-1]
+        values = th.addmm(head.bias, hidden[-1], head.weight.t())
+        error = values.squeeze(1) - returns
+        loss = error.square().mean()
+        # dL/dV = 2 (V - R) / batch, then back through each layer
+        delta = (error * (2.0 / error.shape[0])).unsqueeze(1)
+        grads: list[th.Tensor] = []
+        for index in range(len(self.layers) - 1, -1, -1):
+            layer, inputs = self.layers[index], hidden[index]
+            grads.append(delta.sum(0))  # bias
+            grads.append(delta.t().mm(inputs))  # weight
+            if index > 0:
+                upstream = delta.mm(layer.weight)
+                if isinstance(self.activations[index - 1], nn.Tanh):
+                    delta = upstream.mul_(1.0 - inputs.square())
+                else:
+                    delta = upstream.mul_(inputs > 0)
+        grads.reverse()  # -> (w0, b0, w1, b1, ...), the order of self.params
+        return loss, grads
+
+    @th.no_grad()
+    def fit(self, features: th.Tensor, returns: th.Tensor, batch_size: int, n_epochs: int) -> list[float]:
+        """
+        Adam on minibatches of a random permutation, ``n_epochs`` passes over the data.
+
+        :param features: Critic inputs of the whole batch
+        :param returns: Regression targets of the whole batch
+        :param batch_size: Minibatch size
+        :param n_epochs: Number of passes
+        :return: The loss of every minibatch
+        """
+        exp_avgs, exp_avg_sqs, steps = self._optimizer_state()
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group["betas"]
+        n_samples = returns.shape[0]
+        losses = []
+        for _ in range(n_epochs):
+            permutation = th.randperm(n_samples, device=returns.device)
+            for start in range(0, n_samples, batch_size):
+                indices = permutation[start : start + batch_size]
+                loss, grads = self.loss_and_gradients(features[indices], returns[indices])
+                functional_adam(
+                    self.params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    [],
+                    steps,
+                    fused=True,
+                    amsgrad=False,
+                    beta1=beta1,
+                    beta2=beta2,
+                    lr=group["lr"],
+                    weight_decay=0.0,
+                    eps=group["eps"],
+                    maximize=False,
+                )
+                losses.append(loss)
+        return [float(x) for x in th.stack(losses).tolist()] if losses else []

@@ -1,0 +1,97 @@
+"""The fast paths give the results of SB3's generic code: the lean rollout path fills the buffer bit-identically,
+and the hand-written critic regression computes the autograd gradients and follows torch's Adam."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecNormalize
+
+from sb3_trpo_ext import TRPO
+from sb3_trpo_ext.common.critic import FastMlpCritic
+
+FIELDS = ["observations", "actions", "log_probs", "values", "rewards", "episode_starts", "advantages", "returns"]
+
+
+class KeysRecorder(BaseCallback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: set[str] = set()
+
+    def _on_step(self) -> bool:
+        self.keys |= set(self.locals)
+        return True
+
+
+def collect(env_id: str, generic: bool, normalize: bool, use_sde: bool = False) -> tuple[TRPO, set[str]]:
+    # Short time limit: many truncations, so the bootstrapped rewards are compared too
+    env = make_vec_env(
+        env_id, n_envs=2, seed=7, wrapper_class=gym.wrappers.TimeLimit, wrapper_kwargs={"max_episode_steps": 30}
+    )
+    if normalize:
+        env = VecNormalize(env)
+    model = TRPO("MlpPolicy", env, n_steps=100, batch_size=100, seed=7, use_sde=use_sde, sde_sample_freq=4)
+    if generic:
+        model._lean_policy_step = lambda: None  # type: ignore[method-assign]
+    recorder = KeysRecorder()
+    _, callback = model._setup_learn(200, callback=recorder)
+    callback = CallbackList([recorder]) if callback is None else callback
+    callback.on_training_start(locals(), globals())
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    return model, recorder.keys
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("env_id,use_sde", [("Pendulum-v1", False), ("Pendulum-v1", True), ("CartPole-v1", False)])
+def test_lean_rollout_fills_the_buffer_identically_to_sb3(env_id: str, use_sde: bool, normalize: bool) -> None:
+    lean, lean_keys = collect(env_id, generic=False, normalize=normalize, use_sde=use_sde)
+    generic, generic_keys = collect(env_id, generic=True, normalize=normalize, use_sde=use_sde)
+    lean_applies = env_id == "Pendulum-v1" and not use_sde
+    assert (lean._lean_policy_step() is not None) == lean_applies
+    for field in FIELDS:
+        np.testing.assert_array_equal(
+            getattr(lean.rollout_buffer, field), getattr(generic.rollout_buffer, field), err_msg=field
+        )
+    assert generic_keys <= lean_keys  # callbacks see every local variable they see in SB3
+    assert lean.rollout_buffer.episode_starts.sum() > 2
+
+
+def test_fast_critic_gradients_equal_autograd() -> None:
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=64, seed=0)
+    policy = model.policy
+    observations = th.randn(64, 3)
+    returns = th.randn(64)
+    _, critic_params = model._split_parameters(observations)
+    critic = FastMlpCritic.build(policy.mlp_extractor, policy.value_net, critic_params, policy.optimizer)
+    assert critic is not None
+    loss, grads = critic.loss_and_gradients(observations, returns)
+    expected_loss = th.nn.functional.mse_loss(policy.predict_values(observations).flatten(), returns)
+    expected = th.autograd.grad(expected_loss, critic.params)
+    th.testing.assert_close(loss, expected_loss.detach())
+    for grad, reference in zip(grads, expected):
+        th.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_critic_fit_follows_torch_adam() -> None:
+    def fit(fast: bool) -> list[th.Tensor]:
+        model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=256, batch_size=32, n_critic_updates=3, seed=0)
+        th.manual_seed(1)
+        observations, returns = th.randn(256, 3), 10 * th.randn(256)
+        if not fast:
+            model._fast_critic = False
+        model._critic_regression(observations, returns)
+        assert isinstance(model._fast_critic, FastMlpCritic) == fast
+        return [p.detach().clone() for p in model.policy.parameters()]
+
+    for fast_param, generic_param in zip(fit(True), fit(False)):
+        th.testing.assert_close(fast_param, generic_param, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_critic_is_not_used_for_other_architectures() -> None:
+    model = TRPO("MlpPolicy", "Pendulum-v1", policy_kwargs={"activation_fn": th.nn.ELU}, n_steps=64, batch_size=64)
+    _, critic_params = model._split_parameters(th.zeros(1, 3))
+    policy = model.policy
+    assert FastMlpCritic.build(policy.mlp_extractor, policy.value_net, critic_params, policy.optimizer) is None
+    model.learn(128)  # and the generic path trains
