@@ -1,0 +1,496 @@
+"""
+Report: turns the result files of the speed and returns benchmarks into figures and into the README's tables.
+
+The README is only ever rewritten between its marker comments (``<!-- BENCHMARK:SPEED:START -->`` ...
+``<!-- BENCHMARK:SPEED:END -->`` and ``<!-- BENCHMARK:RETURNS:START -->`` ... ``<!-- BENCHMARK:RETURNS:END -->``), so
+the tables always match the committed data. Cells without results are listed as missing.
+
+Usage::
+
+    python -m benchmarks.report
+    python -m benchmarks.report --results /tmp/smoke --figures /tmp/smoke/figures --readme /tmp/smoke/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from benchmarks.common import FIGURES_DIR, IMPLS, REPO_ROOT, RESULTS_DIR, read_json
+from benchmarks.returns import ENVS, SEEDS, budget
+from benchmarks.speed import SECTIONS, floor_summary, learn_summary
+
+COLORS = {"sb3_trpo_ext": "tab:blue", "sb3_contrib": "tab:orange"}
+SPEED_MARKERS = ("<!-- BENCHMARK:SPEED:START -->", "<!-- BENCHMARK:SPEED:END -->")
+RETURNS_MARKERS = ("<!-- BENCHMARK:RETURNS:START -->", "<!-- BENCHMARK:RETURNS:END -->")
+N_BOOTSTRAP = 2000
+
+#: Published TRPO returns, each with its source. MuJoCo entries are for v3 (sb3-contrib, RL Zoo) or v4 (Tianshou).
+PUBLISHED_SOURCES = {
+    "sb3-contrib docs": (
+        "[sb3-contrib documentation](https://sb3-contrib.readthedocs.io/en/master/modules/trpo.html#results), "
+        "MuJoCo v3, 1M steps, 3 seeds"
+    ),
+    "Tianshou": (
+        "[Tianshou MuJoCo benchmark](https://github.com/thu-ml/tianshou/tree/master/examples/mujoco), "
+        "1M steps, 10 seeds, best return within 1M steps"
+    ),
+    "RL Zoo": (
+        "[RL Zoo benchmark.md](https://github.com/DLR-RM/rl-baselines3-zoo/blob/master/benchmark.md), "
+        "1 run, MuJoCo v3 and LunarLander v2, at the budget in parentheses"
+    ),
+}
+PUBLISHED: dict[str, dict[str, str]] = {
+    "sb3-contrib docs": {
+        "HalfCheetah-v5": "1803",
+        "Hopper-v5": "3372",
+        "Walker2d-v5": "4502",
+        "Ant-v5": "3554",
+        "Swimmer-v5": "359",
+    },
+    "Tianshou": {
+        "HalfCheetah-v5": "4471",
+        "Hopper-v5": "2046",
+        "Walker2d-v5": "3827",
+        "Ant-v5": "2867",
+        "Swimmer-v5": "41",
+        "Humanoid-v5": "810",
+    },
+    "RL Zoo": {
+        "CartPole-v1": "500.0 (100k)",
+        "Pendulum-v1": "-174.6 (100k)",
+        "Acrobot-v1": "-83.1 (100k)",
+        "MountainCarContinuous-v0": "92.5 (50k)",
+        "LunarLander-v3": "133.2 (200k)",
+        "LunarLanderContinuous-v3": "262.4 (200k)",
+        "HalfCheetah-v5": "1785 (1M)",
+        "Hopper-v5": "3618 (1M)",
+        "Walker2d-v5": "4933 (1M)",
+        "Ant-v5": "4982 (1M)",
+        "Swimmer-v5": "365.7 (1M)",
+        "BipedalWalker-v3": "182.3 (1M)",
+        "Humanoid-v5": "not found",
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def iqm(values: np.ndarray) -> float:
+    """
+    Interquartile mean: the mean of the values between the 25th and 75th percentile, the middle ones weighted by
+    the fraction of them that lies inside (as in ``rliable``), so that it is defined for any number of runs.
+
+    :param values: one value per run.
+    :return: the interquartile mean.
+    """
+    values = np.sort(np.asarray(values, dtype=float))
+    n = len(values)
+    # Weight of each sorted value: the length of its share [i/n, (i+1)/n] that lies inside [0.25, 0.75].
+    edges = np.arange(n + 1) / n
+    weights = np.clip(np.minimum(edges[1:], 0.75) - np.maximum(edges[:-1], 0.25), 0.0, None)
+    return float(np.sum(weights * values) / np.sum(weights))
+
+
+def bootstrap_ci(
+    values: np.ndarray, statistic: Callable[[np.ndarray], float], n_resamples: int = N_BOOTSTRAP, seed: int = 0
+) -> tuple[float, float]:
+    """
+    95% percentile bootstrap confidence interval of a statistic over runs.
+
+    :param values: one value per run.
+    :param statistic: the statistic of a sample.
+    :param n_resamples: bootstrap resamples.
+    :param seed: seed of the resampling.
+    :return: the 2.5th and 97.5th percentiles.
+    """
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    samples = [statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(n_resamples)]
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def curve_band(curves: np.ndarray, n_resamples: int = N_BOOTSTRAP, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """
+    Mean learning curve over runs and its 95% bootstrap confidence band (runs resampled with replacement).
+
+    :param curves: returns, shape ``(runs, evaluations)``.
+    :param n_resamples: bootstrap resamples.
+    :param seed: seed of the resampling.
+    :return: mean, lower and upper band, each of shape ``(evaluations,)``.
+    """
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, len(curves), size=(n_resamples, len(curves)))
+    means = curves[indices].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5], axis=0)
+    return curves.mean(axis=0), low, high
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Returns
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_returns(results_dir: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """
+    :param results_dir: the returns results folder (``<impl>/<env>/seed<k>.json``).
+    :return: the finished results per (implementation, environment), sorted by seed.
+    """
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in sorted(results_dir.glob("*/*/seed*.json")):
+        result = read_json(path)
+        if result is not None and result.get("final_return") is not None:
+            results.setdefault((result["impl"], result["env_id"]), []).append(result)
+    for runs in results.values():
+        runs.sort(key=lambda result: result["seed"])
+    return results
+
+
+def stacked_curves(runs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """
+    :param runs: results of one implementation and environment.
+    :return: the evaluation timesteps, and the returns of every run, shape ``(runs, evaluations)``, cut to the
+        shortest curve.
+    """
+    length = min(len(run["curve"]["timesteps"]) for run in runs)
+    timesteps = np.asarray(runs[0]["curve"]["timesteps"][:length])
+    return timesteps, np.asarray([run["curve"]["mean"][:length] for run in runs])
+
+
+def plot_curves(ax: plt.Axes, env_id: str, results: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    """
+    Both implementations' mean learning curves with their 95% bootstrap bands on one axis.
+
+    :param ax: the axis.
+    :param env_id: the environment.
+    :param results: the loaded results.
+    """
+    for impl in IMPLS:
+        runs = results.get((impl, env_id), [])
+        if not runs:
+            continue
+        timesteps, curves = stacked_curves(runs)
+        mean, low, high = curve_band(curves)
+        ax.plot(timesteps, mean, color=COLORS[impl], label=f"{impl} ({len(runs)} seeds)")
+        ax.fill_between(timesteps, low, high, color=COLORS[impl], alpha=0.25, linewidth=0)
+    ax.set_title(env_id)
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("evaluation return")
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+
+
+def returns_figures(
+    results: dict[tuple[str, str], list[dict[str, Any]]], envs: tuple[str, ...], figures_dir: Path
+) -> list[Path]:
+    """
+    One learning-curve figure per environment with results, and one figure with every environment.
+
+    :param results: the loaded results.
+    :param envs: the campaign's environments.
+    :param figures_dir: where the PNG files go.
+    :return: the files written.
+    """
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for env_id in envs:
+        if not any((impl, env_id) in results for impl in IMPLS):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        plot_curves(ax, env_id, results)
+        fig.tight_layout()
+        path = figures_dir / f"returns_{env_id}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    n_cols = 4
+    n_rows = -(-len(envs) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.5 * n_cols, 3.4 * n_rows), squeeze=False)
+    for ax, env_id in zip(axes.flat, envs):
+        plot_curves(ax, env_id, results)
+    for ax in list(axes.flat)[len(envs) :]:
+        ax.axis("off")
+    fig.suptitle("TRPO learning curves: mean over seeds, 95% bootstrap confidence band")
+    fig.tight_layout()
+    path = figures_dir / "returns_all.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def format_steps(steps: int) -> str:
+    """
+    :param steps: a number of environment steps.
+    :return: it in the zoo's notation (``1M``, ``100k``, or the number itself below 1000).
+    """
+    if steps >= 1_000_000 and steps % 100_000 < 5_000:
+        return f"{steps / 1e6:g}M"
+    if steps >= 1000:
+        return f"{steps / 1e3:.0f}k"
+    return str(steps)
+
+
+def returns_table(
+    results: dict[tuple[str, str], list[dict[str, Any]]], envs: tuple[str, ...], n_seeds: int, figures_link: str
+) -> str:
+    """
+    The README's returns section: final return per environment and implementation (mean ± std over seeds, and the
+    interquartile mean with a 95% bootstrap CI), beside the published numbers and their sources.
+
+    :param results: the loaded results.
+    :param envs: the campaign's environments (all listed, missing ones marked).
+    :param n_seeds: seeds per cell in the full campaign.
+    :param figures_link: path of the figures folder relative to the README.
+    :return: Markdown.
+    """
+    header = (
+        "| environment | steps | sb3_trpo_ext mean ± std | sb3_trpo_ext IQM [95% CI] | sb3_contrib mean ± std "
+        "| sb3_contrib IQM [95% CI] | sb3-contrib docs | Tianshou | RL Zoo |"
+    )
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for env_id in envs:
+        cells = []
+        steps = format_steps(budget(env_id).n_timesteps)
+        for impl in IMPLS:
+            runs = results.get((impl, env_id), [])
+            if not runs:
+                cells += [f"missing (0/{n_seeds} seeds)", "missing"]
+                continue
+            steps = format_steps(runs[0]["n_timesteps"])
+            finals = np.asarray([run["final_return"] for run in runs])
+            low, high = bootstrap_ci(finals, iqm)
+            seeds = "" if len(runs) >= n_seeds else f" ({len(runs)}/{n_seeds} seeds)"
+            cells += [f"{finals.mean():.1f} ± {finals.std():.1f}{seeds}", f"{iqm(finals):.1f} [{low:.1f}, {high:.1f}]"]
+        published = [PUBLISHED[source].get(env_id, "") for source in PUBLISHED_SOURCES]
+        lines.append(f"| {env_id} | {steps} | " + " | ".join(cells + published) + " |")
+    sources = "\n".join(f"- {name}: {text}." for name, text in PUBLISHED_SOURCES.items())
+    return (
+        "Final return: mean of the last evaluation of each run (deterministic episodes on a separate environment, "
+        "VecNormalize statistics frozen; 5 episodes every 10k steps for 1M-step runs, 10 episodes every 5% of the "
+        "budget for shorter ones). Mean ± std over seeds; interquartile mean (IQM) with a 95% percentile bootstrap "
+        "confidence interval over seeds. Hyperparameters: the RL Zoo's `trpo.yml`, identical for both "
+        "implementations (MuJoCo -v5 with the -v4 entries).\n\n"
+        + "\n".join(lines)
+        + "\n\nPublished TRPO numbers (other versions of the environments, other protocols; for orientation only):\n"
+        + sources
+        + f"\n\nLearning curves: `{figures_link}/returns_<env>.png`; all environments:\n\n"
+        + f"![learning curves]({figures_link}/returns_all.png)\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Speed
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def latest_speed_run(speed_dir: Path) -> Path | None:
+    """
+    :param speed_dir: the speed results folder (one subfolder per run, named by UTC time).
+    :return: the latest run that has a ``learn.json``, or ``None``.
+    """
+    runs = sorted(path.parent for path in speed_dir.glob("*/learn.json"))
+    return runs[-1] if runs else None
+
+
+def load_speed(run_dir: Path | None) -> dict[str, dict[str, Any]]:
+    """
+    :param run_dir: a speed run's folder.
+    :return: its sections by name (missing sections left out).
+    """
+    if run_dir is None:
+        return {}
+    sections = {name: read_json(run_dir / f"{name}.json") for name in SECTIONS}
+    return {name: data for name, data in sections.items() if data is not None}
+
+
+def speed_figures(speed: dict[str, dict[str, Any]], figures_dir: Path) -> list[Path]:
+    """
+    Update-step time against samples per update and against width (log-log), time per environment step against
+    the number of environments.
+
+    :param speed: the speed run's sections.
+    :param figures_dir: where the PNG files go.
+    :return: the files written.
+    """
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for section, key, xlabel in (
+        ("batch", "batch_size", "samples per update"),
+        ("width", "width", "hidden units per layer (2 layers, actor and critic)"),
+    ):
+        if section not in speed:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for impl in IMPLS:
+            rows = sorted((row for row in speed[section]["rows"] if row["impl"] == impl), key=lambda row: row[key])
+            ax.loglog(
+                [row[key] for row in rows],
+                [statistics.median(row["train_s"]) for row in rows],
+                "o-",
+                color=COLORS[impl],
+                label=impl,
+            )
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("update step (train) time [s]")
+        ax.set_title(f"Update-step cost, HalfCheetah-v5 settings ({section})")
+        ax.legend()
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        path = figures_dir / f"speed_{section}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    if "n_envs" in speed:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        rows = speed["n_envs"]["rows"]
+        for impl in IMPLS:
+            for vec_env, style in (("DummyVecEnv", "o-"), ("SubprocVecEnv", "s--")):
+                points = sorted(
+                    (r["n_envs"], 1e6 * r["learn_s"] / r["timesteps"])
+                    for r in rows
+                    if (r["impl"], r["vec_env"]) == (impl, vec_env)
+                )
+                if points:
+                    ax.plot(*zip(*points), style, color=COLORS[impl], label=f"{impl}, {vec_env}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("number of environments")
+        ax.set_ylabel("end-to-end time per env step [µs]")
+        ax.set_title("learn() time per environment step, HalfCheetah-v5")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        path = figures_dir / "speed_n_envs.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def speed_table(speed: dict[str, dict[str, Any]], run_name: str | None, figures_link: str) -> str:
+    """
+    The README's speed section: speed-ups with min/median/max over the measured pairs, median times, the floor
+    ratio, and the cost-growth figures.
+
+    :param speed: the speed run's sections.
+    :param run_name: the run's folder name.
+    :param figures_link: path of the figures folder relative to the README.
+    :return: Markdown.
+    """
+    if "learn" not in speed:
+        return "Speed results: missing (run `python -m benchmarks.speed`).\n"
+    learn = speed["learn"]
+    summary = learn_summary(learn["rows"])
+    v = learn["versions"]
+    lines = [
+        f"Run `{run_name}` ({learn['created']}): sb3_trpo_ext {v['sb3_trpo_ext']} (commit {v['git_commit']}, sources "
+        f"{v.get('sb3_trpo_ext_sources_sha256')}), sb3-contrib {v['sb3_contrib']}, torch {v['torch']} on "
+        f"{learn['torch_threads']} thread, CPU, {v['cpu_count']} cores. Speed-up = sb3_contrib time / sb3_trpo_ext "
+        "time of the same pair (above 1: sb3_trpo_ext is faster), min / median / max over the measured pairs, "
+        "runs alternated A/B after a warm-up pair.",
+        "",
+        "| environment | steps per run | pairs | learn() speed-up | train() speed-up | µs per env step "
+        "(ext / contrib) | s per update (ext / contrib) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for env_id, entry in summary.items():
+        steps = next(row["timesteps"] for row in learn["rows"] if row["env_id"] == env_id)
+        ratios = ["{:.2f} / {:.2f} / {:.2f}".format(*entry[key]) for key in ("learn_ratio", "train_ratio")]
+        ext, contrib = entry["sb3_trpo_ext"], entry["sb3_contrib"]
+        lines.append(
+            f"| {env_id} | {steps:,} | {entry['pairs']} | {ratios[0]} | {ratios[1]} "
+            f"| {ext['us_per_step']:.0f} / {contrib['us_per_step']:.0f} "
+            f"| {ext['train_s_per_update']:.3f} / {contrib['train_s_per_update']:.3f} |"
+        )
+    floor = floor_summary(learn["rows"], speed["floor"]["rows"]) if "floor" in speed else None
+    if floor is None:
+        lines += ["", "Floor ratio: missing."]
+    else:
+        lines += [
+            "",
+            f"Floor ratio, {floor['env_id']} (end-to-end time per env step / bare `DummyVecEnv` step time per env "
+            f"step, 2 envs, random actions: {floor['bare_us_per_step']:.1f} µs): "
+            f"sb3_trpo_ext **{floor['sb3_trpo_ext']['floor_ratio']:.2f}x**, "
+            f"sb3_contrib **{floor['sb3_contrib']['floor_ratio']:.2f}x**.",
+        ]
+    figures = [f"![{name}]({figures_link}/speed_{name}.png)" for name in ("batch", "width", "n_envs") if name in speed]
+    if figures:
+        lines += ["", " ".join(figures)]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# README
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def replace_between_markers(text: str, markers: tuple[str, str], body: str) -> str:
+    """
+    :param text: the README.
+    :param markers: the start and end marker comments.
+    :param body: the new content between them.
+    :return: the README with only that section replaced.
+    """
+    start, end = markers
+    head, found, rest = text.partition(start)
+    if not found or end not in rest:
+        raise ValueError(f"README lacks the markers {start} ... {end}")
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}\n{body.rstrip()}\n{end}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Command line entry point.
+
+    :param argv: arguments (``sys.argv[1:]`` when ``None``).
+    :return: the exit status.
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="results folder (returns/ and speed/)")
+    parser.add_argument("--figures", type=Path, default=FIGURES_DIR, help="where the figures go")
+    parser.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md", help="the README to update")
+    parser.add_argument("--speed-run", default=None, help="speed run folder name (default: the latest)")
+    parser.add_argument("--envs", nargs="+", default=list(ENVS), help="environments of the returns table")
+    parser.add_argument("--n-seeds", type=int, default=len(SEEDS), help="seeds per cell of the full campaign")
+    args = parser.parse_args(argv)
+
+    results = load_returns(args.results / "returns")
+    speed_dir = args.results / "speed"
+    run_dir = speed_dir / args.speed_run if args.speed_run else latest_speed_run(speed_dir)
+    speed = load_speed(run_dir)
+    figures_link = os.path.relpath(args.figures.resolve(), args.readme.resolve().parent)
+
+    written = returns_figures(results, tuple(args.envs), args.figures) + speed_figures(speed, args.figures)
+    readme = args.readme.read_text()
+    readme = replace_between_markers(readme, SPEED_MARKERS, speed_table(speed, run_dir and run_dir.name, figures_link))
+    readme = replace_between_markers(
+        readme, RETURNS_MARKERS, returns_table(results, tuple(args.envs), args.n_seeds, figures_link)
+    )
+    args.readme.write_text(readme)
+    n_runs = sum(len(runs) for runs in results.values())
+    print(f"{n_runs} returns results, speed run {run_dir}; wrote {len(written)} figures and {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

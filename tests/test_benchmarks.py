@@ -1,0 +1,88 @@
+"""The benchmark pipeline end to end in smoke mode: returns, speed and report, into a temporary folder."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.report import RETURNS_MARKERS, SPEED_MARKERS, iqm, replace_between_markers
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPLS = ("sb3_trpo_ext", "sb3_contrib")
+ENVS = ("CartPole-v1", "Pendulum-v1")
+SEEDS = ("0", "1")
+
+
+def run(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_iqm_is_the_mean_of_the_middle_half() -> None:
+    assert iqm(np.array([0.0, 1.0, 2.0, 3.0])) == pytest.approx(1.5)
+    assert iqm(np.array([-100.0, 1.0, 2.0, 3.0, 100.0])) == pytest.approx(2.0)
+    assert iqm(np.array([7.0])) == pytest.approx(7.0)
+
+
+def test_replace_between_markers_keeps_everything_else() -> None:
+    text = f"intro\n{SPEED_MARKERS[0]}\nold\n{SPEED_MARKERS[1]}\noutro\n"
+    assert (
+        replace_between_markers(text, SPEED_MARKERS, "new") == f"intro\n{SPEED_MARKERS[0]}\nnew\n{SPEED_MARKERS[1]}\noutro\n"
+    )
+    with pytest.raises(ValueError):
+        replace_between_markers("no markers", RETURNS_MARKERS, "new")
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_writes_results_figures_and_readme_tables(tmp_path: Path) -> None:
+    results, figures = tmp_path / "results", tmp_path / "figures"
+
+    # Returns: every cell writes its own file; a second run finds them all finished.
+    returns_args = ["benchmarks.returns", "--smoke", "--out", str(results / "returns"), "--jobs", "2"]
+    run(*returns_args, "--envs", *ENVS, "--seeds", *SEEDS)
+    for impl in IMPLS:
+        for env_id in ENVS:
+            for seed in SEEDS:
+                result = json.loads((results / "returns" / impl / env_id / f"seed{seed}.json").read_text())
+                assert result["impl"] == impl and result["smoke"]
+                assert len(result["curve"]["timesteps"]) == len(result["curve"]["mean"]) >= 1
+                assert result["final_return"] == result["curve"]["mean"][-1]
+                assert result["versions"]["sb3_contrib"]
+    assert "0 to run" in run(*returns_args, "--envs", *ENVS, "--seeds", *SEEDS)
+
+    # Speed: every section writes its file.
+    run(
+        "benchmarks.speed",
+        "--smoke",
+        "--out",
+        str(results / "speed"),
+        "--name",
+        "smoke",
+        "--envs",
+        "CartPole-v1",
+        "HalfCheetah-v5",
+    )
+    for section in ("learn", "floor", "batch", "width", "n_envs"):
+        data = json.loads((results / "speed" / "smoke" / f"{section}.json").read_text())
+        assert data["rows"] and data["torch_threads"] == 1
+    learn = json.loads((results / "speed" / "smoke" / "learn.json").read_text())
+    assert set(learn["summary"]) == {"CartPole-v1", "HalfCheetah-v5"}
+
+    # Report: figures, and tables only between the markers of a copy of the README.
+    readme = tmp_path / "README.md"
+    outside = "# Title\n\nText others edit.\n\n"
+    readme.write_text(
+        f"{outside}{SPEED_MARKERS[0]}\n{SPEED_MARKERS[1]}\n\n{RETURNS_MARKERS[0]}\nstale\n{RETURNS_MARKERS[1]}\nend\n"
+    )
+    run("benchmarks.report", "--results", str(results), "--figures", str(figures), "--readme", str(readme))
+    text = readme.read_text()
+    assert text.startswith(outside) and text.endswith(f"{RETURNS_MARKERS[1]}\nend\n")
+    assert "stale" not in text
+    assert "| CartPole-v1 |" in text and "| HalfCheetah-v5 | 1M | missing (0/5 seeds)" in text
+    assert "Floor ratio, HalfCheetah-v5" in text
+    for name in ("returns_CartPole-v1", "returns_Pendulum-v1", "returns_all", "speed_batch", "speed_width", "speed_n_envs"):
+        assert (figures / f"{name}.png").stat().st_size > 0
