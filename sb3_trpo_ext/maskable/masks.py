@@ -1,0 +1,93 @@
+"""
+Invalid-action masks for TRPO: validating them, and reading masked distributions in the canonical parametrisation.
+
+A mask holds one boolean per outcome of every categorical component of the action space, in the layout of
+sb3-contrib (``Discrete(n)``: ``n`` entries; ``MultiDiscrete(nvec)``: ``sum(nvec)`` entries, component after
+component; ``MultiBinary(n)``: ``2 n`` entries, ``(0, 1)`` for each bit). A masked outcome gets the logit ``-1e8``,
+so its normalised probability is exactly 0 in float32: it is never sampled, and it contributes nothing to the
+surrogate, to KL(old || new) (``0 log 0 = 0``) or to the Fisher information ``diag(p) - p p^T``.
+Background on invalid action masking: https://arxiv.org/abs/2006.14171 (Huang and Ontanon, 2020).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from sb3_contrib.common.maskable.distributions import (
+    MaskableCategoricalDistribution,
+    MaskableMultiCategoricalDistribution,
+)
+from stable_baselines3.common.distributions import Distribution
+
+from sb3_trpo_ext.common.numerics import CATEGORICAL, DistParams
+from sb3_trpo_ext.common.policy_utils import distribution_params
+
+
+def mask_component_sizes(action_space: spaces.Space) -> list[int]:
+    """
+    Number of outcomes of each categorical component of a maskable action space.
+
+    :param action_space: A ``Discrete``, ``MultiDiscrete`` or one-dimensional ``MultiBinary`` space
+    :return: The sizes, whose sum is the length of one mask
+    """
+    if isinstance(action_space, spaces.Discrete):
+        return [int(action_space.n)]
+    if isinstance(action_space, spaces.MultiDiscrete):
+        return [int(n) for n in np.asarray(action_space.nvec).flatten()]
+    if isinstance(action_space, spaces.MultiBinary) and isinstance(action_space.n, (int, np.integer)):
+        return [2] * int(action_space.n)
+    raise ValueError(
+        f"Unsupported action space {action_space}: MaskableTRPO supports Discrete, MultiDiscrete and "
+        "one-dimensional MultiBinary actions"
+    )
+
+
+def check_action_masks(masks: np.ndarray | th.Tensor | Sequence[bool], action_space: spaces.Space) -> np.ndarray:
+    """
+    Check that every environment's mask has the right length and leaves at least one valid outcome in every
+    action component.
+
+    :param masks: Masks of one environment (1-D) or of ``n_envs`` environments (2-D, one row per environment)
+    :param action_space: The action space the masks apply to
+    :return: The masks as a boolean array of shape ``(n_envs, mask_length)``
+    :raises ValueError: naming the environment index (and the component) whose mask has no valid action
+    """
+    sizes = mask_component_sizes(action_space)
+    array = masks.detach().cpu().numpy() if isinstance(masks, th.Tensor) else np.asarray(masks)
+    array = array.astype(bool)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != sum(sizes):
+        raise ValueError(
+            f"Action masks of shape {np.asarray(masks).shape} do not fit the action space {action_space}: "
+            f"expected {sum(sizes)} entries per environment"
+        )
+    offsets = np.cumsum([0, *sizes])
+    for component, (start, end) in enumerate(pairwise(offsets)):
+        empty = np.flatnonzero(~array[:, start:end].any(axis=1))
+        if empty.size > 0:
+            where = f" (action component {component})" if len(sizes) > 1 else ""
+            raise ValueError(
+                f"The action mask of environment index {int(empty[0])} has no valid action{where}: "
+                "at least one action must be allowed in every state"
+            )
+    return array
+
+
+def masked_distribution_params(distribution: Distribution) -> DistParams:
+    """
+    Parameters of an sb3-contrib maskable distribution (with its masks applied) in the canonical parametrisation:
+    the normalised logits of each categorical component, masked outcomes at ``log p = -1e8 - logsumexp``.
+
+    :param distribution: A distribution returned by ``MaskableActorCriticPolicy.get_distribution``
+    :return: Its parameters, still attached to the autograd graph
+    """
+    if isinstance(distribution, MaskableCategoricalDistribution):
+        return DistParams(CATEGORICAL, (distribution.distribution.logits,))
+    if isinstance(distribution, MaskableMultiCategoricalDistribution):  # MultiBinary is a MultiCategorical of 2s
+        return DistParams(CATEGORICAL, tuple(component.logits for component in distribution.distributions))
+    return distribution_params(distribution)

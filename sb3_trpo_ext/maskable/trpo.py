@@ -1,0 +1,391 @@
+"""TRPO with invalid-action masking, for Stable-Baselines3."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer, MaskableRolloutBuffer
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
+from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
+
+from sb3_trpo_ext.common.numerics import DistParams
+from sb3_trpo_ext.common.policy_utils import all_finite, index_observations
+from sb3_trpo_ext.maskable.masks import check_action_masks, mask_component_sizes, masked_distribution_params
+from sb3_trpo_ext.maskable.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
+from sb3_trpo_ext.trpo.trpo import TRPO
+
+SelfMaskableTRPO = TypeVar("SelfMaskableTRPO", bound="MaskableTRPO")
+
+
+class MaskableTRPO(TRPO):
+    """
+    Trust Region Policy Optimization (TRPO) with invalid-action masking.
+
+    Paper: https://arxiv.org/abs/1502.05477 (Schulman et al., 2015); masking: https://arxiv.org/abs/2006.14171
+    (Huang and Ontanon, 2020). The same trust-region step as :class:`sb3_trpo_ext.TRPO`, on the *masked* policy
+    ``pi(a|s, m)``: invalid actions get probability exactly 0, so they are never sampled, and the surrogate, the
+    KL(old || new) of the line search, the Fisher-vector products and the gradient all see the masked
+    distributions (the masks recorded with each sample in the rollout buffer).
+
+    Masks come from the environment's ``action_masks()`` method (or sb3-contrib's ``ActionMasker`` wrapper), as for
+    sb3-contrib's ``MaskablePPO``, whose policies, buffers, ``predict(..., action_masks=...)``, ``MaskableEvalCallback``
+    and ``learn(..., use_masking=...)`` work unchanged. A mask that allows no action raises a ``ValueError`` naming
+    the environment index. Supports Discrete, MultiDiscrete and (one-dimensional) MultiBinary actions.
+
+    :param policy: The policy model to use (MlpPolicy, CnnPolicy, MultiInputPolicy, or a ``MaskableActorCriticPolicy``
+        class)
+    :param env: The environment to learn from (if registered in Gymnasium, can be str)
+    :param learning_rate: The learning rate of the critic's Adam optimizer, a constant or a schedule of the
+        progress remaining (from 1 to 0)
+    :param n_steps: The number of steps to run for each environment per update
+    :param batch_size: Minibatch size of the critic regression
+    :param gamma: Discount factor
+    :param cg_max_steps: Maximal number of conjugate-gradient iterations
+    :param cg_damping: Damping added to the Fisher matrix, ``F + cg_damping * I``
+    :param line_search_shrinking_factor: Step-size reduction factor ``alpha`` of the line search
+    :param line_search_max_iter: Maximal number of candidate steps of the backtracking line search
+    :param n_critic_updates: Number of epochs of critic regression per policy update
+    :param gae_lambda: Factor for trade-off of bias vs variance for the Generalized Advantage Estimator
+    :param use_sde: Must be False: gSDE applies to continuous actions only (kept for a signature identical to TRPO's)
+    :param sde_sample_freq: Unused (kept for a signature identical to TRPO's)
+    :param rollout_buffer_class: Rollout buffer class to use; ``MaskableRolloutBuffer`` (or its Dict version) if None
+    :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
+    :param normalize_advantage: Whether to normalize the advantages (over the whole batch)
+    :param target_kl: Trust-region radius ``delta``: bound on the mean KL(old || new) of the masked policies
+    :param sub_sampling_factor: Use every k-th sample of the batch for the policy step
+    :param stats_window_size: Window size for the rollout logging
+    :param tensorboard_log: The log location for tensorboard (if None, no logging)
+    :param policy_kwargs: Additional arguments to be passed to the policy on creation
+    :param verbose: The verbosity level: 0 no output, 1 info, 2 debug
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    :param cg_residual_tol: Conjugate gradient stops once the squared residual norm is below this value
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": MlpPolicy,
+        "CnnPolicy": CnnPolicy,
+        "MultiInputPolicy": MultiInputPolicy,
+    }
+    policy: MaskableActorCriticPolicy  # type: ignore[assignment]
+    rollout_buffer: MaskableRolloutBuffer
+
+    def __init__(
+        self,
+        policy: str | type[MaskableActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 1e-3,
+        n_steps: int = 2048,
+        batch_size: int = 128,
+        gamma: float = 0.99,
+        cg_max_steps: int = 15,
+        cg_damping: float = 0.1,
+        line_search_shrinking_factor: float = 0.8,
+        line_search_max_iter: int = 10,
+        n_critic_updates: int = 10,
+        gae_lambda: float = 0.95,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        normalize_advantage: bool = True,
+        target_kl: float = 0.01,
+        sub_sampling_factor: int = 1,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+        cg_residual_tol: float = 1e-10,
+    ):
+        if use_sde:
+            raise ValueError("Invalid hyperparameter use_sde=True: gSDE needs continuous actions, MaskableTRPO has none")
+        super().__init__(
+            policy,  # type: ignore[arg-type]
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            batch_size=batch_size,
+            gamma=gamma,
+            cg_max_steps=cg_max_steps,
+            cg_damping=cg_damping,
+            line_search_shrinking_factor=line_search_shrinking_factor,
+            line_search_max_iter=line_search_max_iter,
+            n_critic_updates=n_critic_updates,
+            gae_lambda=gae_lambda,
+            use_sde=False,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            normalize_advantage=normalize_advantage,
+            target_kl=target_kl,
+            sub_sampling_factor=sub_sampling_factor,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=False,
+            cg_residual_tol=cg_residual_tol,
+        )
+        self._use_masking = True
+        if _init_setup_model:
+            self._setup_model()
+
+    @staticmethod
+    def _check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
+        """Raise a ``ValueError`` naming an observation or action space MaskableTRPO cannot handle."""
+        TRPO._check_spaces(observation_space, action_space)
+        mask_component_sizes(action_space)  # Discrete, MultiDiscrete or 1-D MultiBinary only
+
+    def _setup_model(self) -> None:
+        if self.rollout_buffer_class is None:
+            dict_obs = isinstance(self.observation_space, spaces.Dict)
+            self.rollout_buffer_class = MaskableDictRolloutBuffer if dict_obs else MaskableRolloutBuffer
+        # SB3's OnPolicyAlgorithm builds the policy with a ``use_sde`` argument, which maskable policies do not take:
+        # build it through a thin factory that drops it, then restore the class (it is saved with the model).
+        policy_class = self.policy_class
+
+        def build_policy(*args: Any, use_sde: bool = False, **kwargs: Any) -> BasePolicy:
+            return policy_class(*args, **kwargs)
+
+        self.policy_class = build_policy  # type: ignore[assignment]
+        try:
+            super()._setup_model()
+        finally:
+            self.policy_class = policy_class
+        if not isinstance(self.policy, MaskableActorCriticPolicy):
+            raise ValueError(f"MaskableTRPO needs a policy that subclasses MaskableActorCriticPolicy, got {type(self.policy)}")
+        if not isinstance(self.rollout_buffer, (MaskableRolloutBuffer, MaskableDictRolloutBuffer)):
+            raise ValueError(f"MaskableTRPO needs a buffer that stores action masks, got {type(self.rollout_buffer)}")
+        self._use_masking = True
+        # Masks of the batch the policy step is working on, aligned with its samples (None: no masking)
+        self._action_masks: th.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Rollouts
+    # ----------------------------------------------------------------------------------------------------------
+    def _current_action_masks(self, env: VecEnv) -> np.ndarray:
+        """The masks of every environment for its current state, checked (an empty mask raises)."""
+        return check_action_masks(get_action_masks(env), self.action_space)
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+        use_masking: bool | None = None,
+    ) -> bool:
+        """
+        Collect ``n_rollout_steps`` steps per environment with the masked policy, storing each step's masks with it
+        (as ``MaskablePPO`` does). Truncated episodes are bootstrapped with the value of their last observation.
+
+        :param env: The training environment
+        :param callback: Callback called at every step (and at the beginning and end of the rollout)
+        :param rollout_buffer: Buffer to fill (a ``MaskableRolloutBuffer`` or ``MaskableDictRolloutBuffer``)
+        :param n_rollout_steps: Number of steps to collect per environment
+        :param use_masking: Whether to use the environment's masks (default: the ``use_masking`` given to ``learn``)
+        :return: True if ``n_rollout_steps`` steps were collected, False if the callback stopped the rollout
+        """
+        assert isinstance(rollout_buffer, (MaskableRolloutBuffer, MaskableDictRolloutBuffer)), "buffer must store masks"
+        assert self._last_obs is not None, "No previous observation was provided"
+        use_masking = self._use_masking if use_masking is None else use_masking
+        if use_masking and not is_masking_supported(env):
+            raise ValueError("Environment does not support action masking. Consider using ActionMasker wrapper")
+        self.policy.set_training_mode(False)
+        n_steps = 0
+        action_masks: np.ndarray | None = None
+        rollout_buffer.reset()
+        callback.on_rollout_start()
+
+        while n_steps < n_rollout_steps:
+            with th.no_grad():
+                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
+                if use_masking:
+                    action_masks = self._current_action_masks(env)
+                actions, values, log_probs = self.policy(obs_tensor, action_masks=action_masks)
+            actions = actions.cpu().numpy()
+            new_obs, rewards, dones, infos = env.step(actions)
+            self.num_timesteps += env.num_envs
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+
+            if isinstance(self.action_space, spaces.Discrete):
+                actions = actions.reshape(-1, 1)
+            # Bootstrap truncated episodes with the value of their last observation (SB3 issue 633)
+            for idx, done in enumerate(dones):
+                if done and infos[idx].get("terminal_observation") is not None and infos[idx].get("TimeLimit.truncated"):
+                    terminal_obs = self.policy.obs_to_tensor(infos[idx]["terminal_observation"])[0]
+                    with th.no_grad():
+                        terminal_value = self.policy.predict_values(terminal_obs)[0]
+                    rewards[idx] += self.gamma * terminal_value
+
+            rollout_buffer.add(
+                self._last_obs,  # type: ignore[arg-type]
+                actions,
+                rewards,
+                self._last_episode_starts,  # type: ignore[arg-type]
+                values,
+                log_probs,
+                action_masks=action_masks,
+            )
+            self._last_obs = new_obs  # type: ignore[assignment]
+            self._last_episode_starts = dones
+
+        with th.no_grad():
+            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))  # type: ignore[arg-type]
+        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        callback.on_rollout_end()
+        return True
+
+    def predict(  # type: ignore[override]
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+        action_masks: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """
+        The policy's action for an observation, restricted to the valid actions when ``action_masks`` is given.
+
+        :param observation: The input observation (one, or a batch of ``n_envs``)
+        :param state: Unused (no recurrent state), kept for the SB3 interface
+        :param episode_start: Unused, kept for the SB3 interface
+        :param deterministic: Whether to return the most likely valid action instead of sampling
+        :param action_masks: Masks of valid actions (one row per observation); an empty mask raises a ``ValueError``
+        :return: The action(s) and ``None``
+        """
+        if action_masks is not None:
+            action_masks = check_action_masks(action_masks, self.action_space)
+        return self.policy.predict(observation, state, episode_start, deterministic, action_masks=action_masks)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Training: the masked surrogate (KL, Fisher-vector product and line search follow from it)
+    # ----------------------------------------------------------------------------------------------------------
+    def _split_parameters(self, observations: PyTorchObs) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
+        """Actor and critic parameters found by structure, as in TRPO (masked distributions of every action space)."""
+        if self._actor_params is None or self._critic_params is None:
+            one = index_observations(observations, slice(0, 1))
+            params = [p for p in self.policy.parameters() if p.requires_grad]
+            with th.enable_grad():
+                dist_tensors = masked_distribution_params(self.policy.get_distribution(one)).tensors
+                actor_grads = th.autograd.grad(th.stack([t.sum() for t in dist_tensors]).sum(), params, allow_unused=True)
+                critic_grads = th.autograd.grad(self.policy.predict_values(one).sum(), params, allow_unused=True)
+            actor = [p for p, g in zip(params, actor_grads) if g is not None]
+            actor_ids = {id(p) for p in actor}
+            critic = [p for p, g in zip(params, critic_grads) if g is not None and id(p) not in actor_ids]
+            if not actor:
+                raise ValueError("the policy's action distribution does not depend on any trainable parameter")
+            self._actor_params, self._critic_params = actor, critic
+        return self._actor_params, self._critic_params
+
+    def _surrogate(
+        self, observations: PyTorchObs, actions: th.Tensor, old_log_prob: th.Tensor, advantages: th.Tensor
+    ) -> tuple[th.Tensor, DistParams]:
+        """
+        Surrogate ``L = mean(pi(a|s, m) / pi_old(a|s, m) * A)`` of the masked policy, the masks ``m`` being those of
+        the batch under update (``self._action_masks``, aligned with ``observations``; no masking if None).
+
+        :return: ``L`` and the masked distribution parameters it was computed from
+        """
+        distribution = self.policy.get_distribution(observations, action_masks=self._action_masks)  # type: ignore[arg-type]
+        log_prob = distribution.log_prob(actions)
+        ratio = th.exp(log_prob - old_log_prob)
+        return (ratio * advantages).mean(), masked_distribution_params(distribution)
+
+    def train(self) -> None:
+        """Update the masked policy (one trust-region step) and the critic on the rollout buffer."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+
+        rollout_data = next(self.rollout_buffer.get(batch_size=None))
+        observations, returns = rollout_data.observations, rollout_data.returns
+        actions = rollout_data.actions
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        obs_tensors = list(observations.values()) if isinstance(observations, dict) else [observations]
+        batch_fields = [*obs_tensors, actions.float(), rollout_data.old_log_prob, rollout_data.advantages, returns]
+
+        self._n_updates += 1
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        if not all_finite(batch_fields):
+            warnings.warn(
+                "MaskableTRPO: the rollout batch holds non-finite values; this update is skipped and the parameters "
+                "are left unchanged",
+                RuntimeWarning,
+            )
+            self.logger.record("train/skipped_update", 1.0)
+            return
+
+        # Policy step on every sub_sampling_factor-th sample, with the masks recorded for those samples
+        sub = slice(None, None, self.sub_sampling_factor)
+        advantages = rollout_data.advantages[sub]
+        if self.normalize_advantage and advantages.numel() > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        self._action_masks = rollout_data.action_masks[sub]
+        try:
+            stats = self._policy_step(
+                index_observations(observations, sub), actions[sub], rollout_data.old_log_prob[sub], advantages
+            )
+        finally:
+            self._action_masks = None
+        if stats.skipped is not None:
+            warnings.warn(f"MaskableTRPO: policy step skipped: {stats.skipped}; the policy is unchanged", RuntimeWarning)
+
+        value_losses = self._critic_regression(observations, returns)
+        self._log_train_stats(stats, value_losses)
+
+    def learn(  # type: ignore[override]
+        self: SelfMaskableTRPO,
+        total_timesteps: int | float,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "MaskableTRPO",
+        reset_num_timesteps: bool = True,
+        use_masking: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfMaskableTRPO:
+        """
+        Train the agent for ``total_timesteps`` environment steps.
+
+        :param total_timesteps: The total number of samples (env steps) to train on
+        :param callback: Callback(s) called at every step with state of the algorithm
+        :param log_interval: The number of rollouts before logging
+        :param tb_log_name: The name of the run for TensorBoard logging
+        :param reset_num_timesteps: Whether or not to reset the current timestep number (used in logging)
+        :param use_masking: Whether to use the environment's action masks (False: plain TRPO on all actions)
+        :param progress_bar: Display a progress bar using tqdm and rich
+        :return: The trained model
+        """
+        self._use_masking = use_masking
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_action_masks", "_use_masking"]
