@@ -86,6 +86,13 @@ def zoo(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.Comple
     return result
 
 
+def loaded_hyperparams_file(stdout: str) -> Path:
+    """The hyperparameter file that ``rl_zoo3.train`` reports as ``Loading hyperparameters from: ...``."""
+    match = re.search(r"^Loading hyperparameters from: (.+)$", stdout, flags=re.MULTILINE)
+    assert match is not None, stdout[-3000:]
+    return Path(match.group(1).strip())
+
+
 def saved_run(stdout: str) -> Path:
     """The run folder that ``rl_zoo3.train`` reports as ``Saving to ...``."""
     match = re.search(r"^Saving to (.+)$", stdout, flags=re.MULTILINE)
@@ -245,7 +252,11 @@ def test_sampler_proposals_build_a_trpo() -> None:
 @pytest.mark.slow
 def test_train_reads_the_packaged_hyperparameters(trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     run, result = trained
-    assert f"Loading hyperparameters from: {PACKAGED_YML}" in result.stdout
+    # The installed package's file (the same path as PACKAGED_YML for an editable install; for a wheel installed
+    # beside this checkout, the copy in site-packages).
+    loaded = loaded_hyperparams_file(result.stdout)
+    assert loaded.parts[-3:] == ("sb3_trpo_ext", "hyperparams", "trpo_ext.yml")
+    assert loaded.read_bytes() == PACKAGED_YML.read_bytes()
     assert run.parent.name == "trpo_ext" and run.name == "CartPole-v1_1"
     assert read_saved_config(run, "CartPole-v1") == load_yaml(PACKAGED_YML)["CartPole-v1"]
     for name in ("CartPole-v1.zip", "best_model.zip", "evaluations.npz", "0.monitor.csv", "CartPole-v1/args.yml"):
@@ -311,7 +322,7 @@ def test_conf_file_with_the_zoo_trpo_yml(tmp_path: Path) -> None:
         "--eval-freq", "-1", "--conf-file", ZOO_TRPO_YML,
         cwd=tmp_path,
     )  # fmt: skip
-    assert f"Loading hyperparameters from: {ZOO_TRPO_YML}" in result.stdout
+    assert loaded_hyperparams_file(result.stdout) == ZOO_TRPO_YML
     assert read_saved_config(tmp_path / saved_run(result.stdout), "CartPole-v1") == load_yaml(ZOO_TRPO_YML)["CartPole-v1"]
 
 
@@ -367,13 +378,32 @@ def test_optimize(sampler: str, options: list[str], tmp_path: Path) -> None:
     assert [trial["state"] for trial in trials] == ["COMPLETE", "COMPLETE"]
 
 
+def optuna_cli() -> str:
+    script = Path(sys.executable).with_name("optuna")
+    return str(script) if script.exists() else str(shutil.which("optuna"))
+
+
 @pytest.mark.slow
-def test_two_workers_share_one_study(tmp_path: Path) -> None:
-    storage = tmp_path / "optuna" / "study.log"  # the zoo opens a `.log` path as an Optuna journal file
+@pytest.mark.parametrize("backend", ["journal", "sqlite"])
+def test_two_workers_share_one_study(backend: str, tmp_path: Path) -> None:
+    study_name = "shared-trpo-ext"
+    if backend == "journal":
+        # The zoo opens a `--storage` path ending in `.log` as an Optuna journal file, safe for concurrent workers.
+        storage_arg = str(tmp_path / "optuna" / "study.log")
+    else:
+        # A database URL (SQLite here, PostgreSQL across machines): the study is created once, before the workers
+        # start, as the README says (two workers creating the database tables at the same time collide).
+        storage_arg = f"sqlite:///{tmp_path / 'study.db'}"
+        subprocess.run(
+            [optuna_cli(), "create-study", "--storage", storage_arg, "--study-name", study_name, "--direction", "maximize"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
     command = [
         sys.executable, "-m", "rl_zoo3.train", "--algo", "trpo_ext", "--env", "Pendulum-v1", "-optimize",
         "--n-trials", "1", "--sampler", "random", "-n", "256", "--n-evaluations", "1", "--eval-episodes", "1",
-        "--no-optim-plots", "--storage", str(storage), "--study-name", "shared-trpo-ext",
+        "--no-optim-plots", "--storage", storage_arg, "--study-name", study_name,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     workers = [
@@ -391,7 +421,9 @@ def test_two_workers_share_one_study(tmp_path: Path) -> None:
     for worker, output in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, output[-5000:]
 
-    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(storage)))
-    study = optuna.load_study(study_name="shared-trpo-ext", storage=journal)
+    storage: Any = storage_arg
+    if backend == "journal":
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage_arg))
+    study = optuna.load_study(study_name=study_name, storage=storage)
     assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert all(re.search(r"Trial \d finished", output) for output in outputs), "each worker ran one trial"
