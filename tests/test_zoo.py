@@ -43,7 +43,6 @@ rl_zoo3 = pytest.importorskip("rl_zoo3", reason="RL Zoo is an optional dependenc
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_TRPO_YML = Path(rl_zoo3.__file__).resolve().parent / "hyperparams" / "trpo.yml"
 PACKAGED_YML = HYPERPARAMS_DIR / "trpo_ext.yml"
-REPOSITORY_YML = ROOT / "hyperparams" / "trpo_ext.yml"
 MUJOCO_ENVS = [
     "HalfCheetah",
     "Hopper",
@@ -205,30 +204,40 @@ def test_mujoco_v5_entries_carry_the_v4_values(name: str) -> None:
     assert ours[f"{name}-v5"] == zoo_entries.get(f"{name}-v4", zoo_entries["Ant-v4"])
 
 
-def test_repository_hyperparams_is_the_packaged_file() -> None:
-    assert REPOSITORY_YML.read_bytes() == PACKAGED_YML.read_bytes()
+@pytest.mark.parametrize("key", [row.key for row in ZOO_ALGORITHMS])
+def test_every_key_has_its_hyperparams_file_in_the_package_and_the_repository(key: str) -> None:
+    packaged = hyperparams_file(key)
+    assert packaged is not None and packaged.parent == HYPERPARAMS_DIR
+    assert "default" in load_yaml(packaged)
+    # hyperparams/ at the top of the repository links to the packaged files: one source, no drift.
+    assert (ROOT / "hyperparams" / packaged.name).read_bytes() == packaged.read_bytes()
 
 
-def substitute_env(env_id: str, hyperparams: dict[str, Any]) -> gym.Env:
-    """The environment itself when it can be made here, else a continuous-action stand-in (Pendulum)."""
+def substitute_env(key: str, env_id: str, hyperparams: dict[str, Any]) -> gym.Env:
+    """The environment itself when it can be made here, else a stand-in with the same kind of actions."""
     try:
         return gym.make(env_id, **hyperparams.get("env_kwargs", {}))
     except (gym.error.Error, ImportError, OSError):
-        return gym.make("Pendulum-v1")
+        # Masking is for discrete actions; the other entries are MuJoCo / PyBullet tasks, with continuous actions.
+        return gym.make("CartPole-v1" if key == "trpo_ext_mask" else "Pendulum-v1")
 
 
-def test_every_entry_builds_a_trpo(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", list(available_algorithms()))
+def test_every_entry_builds_the_algorithm(key: str, tmp_path: Path) -> None:
     from rl_zoo3.exp_manager import ExperimentManager
 
+    algorithm = available_algorithms()[key]
+    packaged = hyperparams_file(key)
+    assert packaged is not None
     # The zoo's own pre-processing (schedules, normalize, policy_kwargs strings, n_envs...) then our constructor.
-    manager = ExperimentManager(Namespace(), "trpo_ext", "CartPole-v1", str(tmp_path))
-    for env_id, entry in load_yaml(PACKAGED_YML).items():
+    manager = ExperimentManager(Namespace(), key, "CartPole-v1", str(tmp_path))
+    for env_id, entry in load_yaml(packaged).items():
         hyperparams, *_ = manager._preprocess_hyperparams(copy.deepcopy(entry))
-        env = substitute_env(env_id, entry)
+        env = substitute_env(key, env_id, entry)
         try:
-            model = TRPO(env=env, device="cpu", **hyperparams)
+            model = algorithm(env=env, device="cpu", **hyperparams)
         except Exception as error:
-            raise AssertionError(f"{env_id}: {hyperparams}") from error
+            raise AssertionError(f"{key} {env_id}: {hyperparams}") from error
         finally:
             env.close()
         assert isinstance(model, BaseAlgorithm)
@@ -349,6 +358,39 @@ def test_mujoco_v5_with_progress_bar_and_seed(tmp_path: Path) -> None:
     assert "Seed: 3" in result.stdout
     config = read_saved_config(tmp_path / saved_run(result.stdout), "HalfCheetah-v5")
     assert config == load_yaml(PACKAGED_YML)["HalfCheetah-v5"]
+
+
+MASKED_ENVS_MODULE = """
+import gymnasium as gym
+
+gym.register(
+    "InvalidActionEnvDiscrete-v0",
+    entry_point="sb3_contrib.common.envs:InvalidActionEnvDiscrete",
+    kwargs={"dim": 4, "n_invalid_actions": 2},
+    max_episode_steps=50,
+)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("key", "env_id"), [("trpo_ext_mask", "InvalidActionEnvDiscrete-v0"), ("trpo_ext_lstm", "CartPole-v1")]
+)
+def test_train_the_other_keys(key: str, env_id: str, tmp_path: Path) -> None:
+    if key not in available_algorithms():
+        pytest.skip(f"{key}: its class is not in sb3_trpo_ext yet")
+    # An environment with an `action_masks()` method, registered by a module given to `--gym-packages`.
+    (tmp_path / "masked_envs.py").write_text(MASKED_ENVS_MODULE)
+    result = zoo(
+        "python", "-m", "rl_zoo3.train", "--algo", key, "--env", env_id, "--gym-packages", "masked_envs",
+        "-n", "128", "--eval-freq", "-1", "-params", "n_steps:128", "batch_size:64",
+        cwd=tmp_path,
+    )  # fmt: skip
+    loaded, packaged = loaded_hyperparams_file(result.stdout), hyperparams_file(key)
+    assert packaged is not None and loaded.name == packaged.name and loaded.read_bytes() == packaged.read_bytes()
+    run = tmp_path / saved_run(result.stdout)
+    assert run.parent.name == key
+    assert type(available_algorithms()[key].load(run / f"{env_id}.zip", device="cpu")) is available_algorithms()[key]
 
 
 def finished_trials(report_folder: Path, sampler: str) -> list[dict[str, str]]:
