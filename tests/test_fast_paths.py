@@ -11,6 +11,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trpo_ext import TRPO
 from sb3_trpo_ext.common.critic import FastMlpCritic
+from tests.test_invariants import ConfusinglyNamedPolicy
 
 FIELDS = ["observations", "actions", "log_probs", "values", "rewards", "episode_starts", "advantages", "returns"]
 
@@ -48,14 +49,27 @@ def collect(env_id: str, generic: bool, normalize: bool, use_sde: bool = False) 
 def test_lean_rollout_fills_the_buffer_identically_to_sb3(env_id: str, use_sde: bool, normalize: bool) -> None:
     lean, lean_keys = collect(env_id, generic=False, normalize=normalize, use_sde=use_sde)
     generic, generic_keys = collect(env_id, generic=True, normalize=normalize, use_sde=use_sde)
-    lean_applies = env_id == "Pendulum-v1" and not use_sde
-    assert (lean._lean_policy_step() is not None) == lean_applies
+    assert lean._lean_policy_step() is not None
     for field in FIELDS:
         np.testing.assert_array_equal(
             getattr(lean.rollout_buffer, field), getattr(generic.rollout_buffer, field), err_msg=field
         )
     assert generic_keys <= lean_keys  # callbacks see every local variable they see in SB3
     assert lean.rollout_buffer.episode_starts.sum() > 2
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_lean_rollout_falls_back_to_sb3_where_it_does_not_apply(env_id: str) -> None:
+    from stable_baselines3.common.envs import IdentityEnvMultiDiscrete
+
+    model = TRPO("MlpPolicy", IdentityEnvMultiDiscrete(dim=3), n_steps=32, batch_size=32)
+    assert model._lean_policy_step() is None  # MultiDiscrete: SB3's own path
+    model.learn(64)
+    squashed = TRPO("MlpPolicy", "Pendulum-v1", use_sde=True, policy_kwargs={"squash_output": True}, n_steps=32, batch_size=32)
+    assert squashed._lean_policy_step() is None
+    custom = TRPO(ConfusinglyNamedPolicy, env_id, n_steps=32, batch_size=32)
+    assert custom._lean_policy_step() is None
+    custom.learn(64)
 
 
 def test_fast_critic_gradients_equal_autograd() -> None:

@@ -13,17 +13,15 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
-from stable_baselines3.common.torch_layers import FlattenExtractor, MlpExtractor
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import explained_variance, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
-from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_ext.common.critic import FastMlpCritic
+from sb3_trpo_ext.common.lean_policy import PolicyStep, make_lean_policy_step
 from sb3_trpo_ext.common.numerics import (
     DistParams,
     assign_flat_parameters,
@@ -77,25 +75,6 @@ class PolicyStepStats:
     expected_improvement: float = math.nan
     std: float | None = None
     skipped: str | None = None
-
-
-def _plain_mlp(net: nn.Module) -> list[nn.Module] | None:
-    """The layers of an ``nn.Sequential`` made only of ``Linear``, ``Tanh`` and ``ReLU`` (else ``None``)."""
-    if type(net) is not nn.Sequential or not all(type(m) in (nn.Linear, nn.Tanh, nn.ReLU) for m in net):
-        return None
-    return list(net)
-
-
-def _run_plain_mlp(layers: list[nn.Module], x: th.Tensor) -> th.Tensor:
-    """Forward pass through :func:`_plain_mlp` layers with the functional ops their modules use."""
-    for layer in layers:
-        if isinstance(layer, nn.Linear):
-            x = F.linear(x, layer.weight, layer.bias)
-        elif isinstance(layer, nn.Tanh):
-            x = th.tanh(x)
-        else:
-            x = th.relu(x)
-    return x
 
 
 def _check_range(name: str, value: float, valid: bool, valid_range: str) -> None:
@@ -338,51 +317,9 @@ class TRPO(OnPolicyAlgorithm):
     # ----------------------------------------------------------------------------------------------------------
     # Rollouts
     # ----------------------------------------------------------------------------------------------------------
-    def _lean_policy_step(self) -> Callable[[PyTorchObs], tuple[th.Tensor, th.Tensor, th.Tensor]] | None:
-        """
-        A cheaper replacement of ``policy(obs)`` during rollouts for SB3's own ``ActorCriticPolicy`` with a diagonal
-        Gaussian: the same modules and the same random draws (``torch.normal``, as ``Normal.sample``), without building
-        ``torch.distributions`` objects, so actions, values and log-probabilities are bit-identical. ``None`` when the
-        policy is anything else (a subclass, gSDE, squashed or discrete actions): SB3's generic path is used then.
-        """
-        policy = self.policy
-        if type(policy) not in (ActorCriticPolicy, MultiInputPolicy, CnnPolicy) or self.use_sde:
-            return None
-        if type(policy.action_dist) is not DiagGaussianDistribution or policy.squash_output:
-            return None
-        if not isinstance(policy.value_net, nn.Linear) or not isinstance(policy.action_net, nn.Linear):
-            return None
-        action_shape = (-1, *self.action_space.shape)  # type: ignore[misc]
-        half_log_two_pi = math.log(math.sqrt(2 * math.pi))
-        actor_net = _plain_mlp(policy.mlp_extractor.policy_net) if type(policy.mlp_extractor) is MlpExtractor else None
-        critic_net = _plain_mlp(policy.mlp_extractor.value_net) if type(policy.mlp_extractor) is MlpExtractor else None
-        flat_features = type(policy.features_extractor) is FlattenExtractor and isinstance(self.observation_space, spaces.Box)
-
-        def latents(obs_tensor: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
-            if flat_features and actor_net is not None and critic_net is not None:
-                # Same operations as the modules' forward passes, without the per-module call overhead
-                features = th.flatten(obs_tensor.float(), 1)  # type: ignore[union-attr]
-                return _run_plain_mlp(actor_net, features), _run_plain_mlp(critic_net, features)
-            all_features = policy.extract_features(obs_tensor)
-            if policy.share_features_extractor:
-                return policy.mlp_extractor(all_features)
-            pi_features, vf_features = all_features
-            return policy.mlp_extractor.forward_actor(pi_features), policy.mlp_extractor.forward_critic(vf_features)
-
-        value_head, action_head = policy.value_net, policy.action_net
-        assert isinstance(value_head, nn.Linear) and isinstance(action_head, nn.Linear)
-
-        def step(obs_tensor: PyTorchObs) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-            latent_pi, latent_vf = latents(obs_tensor)
-            values = F.linear(latent_vf, value_head.weight, value_head.bias)
-            mean = F.linear(latent_pi, action_head.weight, action_head.bias)
-            std = th.ones_like(mean) * policy.log_std.exp()
-            actions = th.normal(mean, std)
-            # log N(a; mean, std), term by term as torch.distributions.Normal.log_prob, summed over action dimensions
-            log_prob = -((actions - mean) ** 2) / (2 * std**2) - std.log() - half_log_two_pi
-            return actions.reshape(action_shape), values, log_prob.sum(dim=1)
-
-        return step
+    def _lean_policy_step(self) -> PolicyStep | None:
+        """The rollout forward pass of :func:`make_lean_policy_step` for the current weights, or ``None``."""
+        return make_lean_policy_step(self.policy, self.action_space, self.use_sde)
 
     def collect_rollouts(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
@@ -400,14 +337,20 @@ class TRPO(OnPolicyAlgorithm):
         self.policy.set_training_mode(False)
         n_steps = 0
         rollout_buffer.reset()
+        if self.use_sde:
+            self.policy.reset_noise(env.num_envs)  # a new exploration matrix for the rollout
         callback.on_rollout_start()
-        low, high = self.action_space.low, self.action_space.high  # type: ignore[attr-defined]
+        is_box = isinstance(self.action_space, spaces.Box)
+        is_discrete = isinstance(self.action_space, spaces.Discrete)
         while n_steps < n_rollout_steps:
+            if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
+                self.policy.reset_noise(env.num_envs)  # a new exploration matrix
             with th.no_grad():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
                 action_tensor, values, log_probs = policy_step(obs_tensor)
             actions = action_tensor.cpu().numpy()
-            clipped_actions = np.clip(actions, low, high)
+            # Gaussian actions are unbounded: clip them to the action space for the environment (not in the buffer)
+            clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high) if is_box else actions  # type: ignore[attr-defined]
             new_obs, rewards, dones, infos = env.step(clipped_actions)
             self.num_timesteps += env.num_envs
             callback.update_locals(locals())
@@ -415,6 +358,8 @@ class TRPO(OnPolicyAlgorithm):
                 return False
             self._update_info_buffer(infos, dones)
             n_steps += 1
+            if is_discrete:
+                actions = actions.reshape(-1, 1)  # the buffer stores one column per action dimension
             # An episode cut by a time limit is not over: bootstrap its last reward with gamma * V(terminal obs)
             for idx, done in enumerate(dones):
                 info = infos[idx]
