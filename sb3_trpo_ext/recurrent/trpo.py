@@ -1,0 +1,495 @@
+"""TRPO with recurrent (LSTM) policies, for Stable-Baselines3."""
+
+from __future__ import annotations
+
+import warnings
+from copy import deepcopy
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer, RecurrentRolloutBuffer
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
+from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
+
+from sb3_trpo_ext.common.numerics import DistParams
+from sb3_trpo_ext.common.policy_utils import all_finite, distribution_params, index_observations
+from sb3_trpo_ext.recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
+from sb3_trpo_ext.trpo.trpo import TRPO
+
+SelfRecurrentTRPO = TypeVar("SelfRecurrentTRPO", bound="RecurrentTRPO")
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """
+    The rollout buffer as padded sequences (sb3-contrib's ``RecurrentRolloutBuffer`` layout), ready for one forward
+    pass of the LSTM over all sequences at once.
+
+    Row ``i * max_length + t`` of every flat tensor is step ``t`` of sequence ``i``; steps past the end of a sequence
+    are padding. A sequence starts at an episode start (or where the buffer was cut), so an episode start can only be
+    the first step of a sequence: its reset is applied to the initial states here, and ``episode_starts`` is all zero,
+    which lets the LSTM run as one call instead of step by step (same result as ``_process_sequence``'s loop).
+
+    :param n_seq: Number of sequences
+    :param max_length: Length of the longest sequence (the padded length of all)
+    :param states_pi: Initial actor LSTM states ``(h, c)`` of every sequence, reset where an episode starts
+    :param states_vf: Initial critic LSTM states, likewise
+    :param episode_starts: All zeros, one per row
+    :param real: Flat indices of the real (non-padding) steps
+    :param policy_rows: The real steps used by the policy step (every ``sub_sampling_factor``-th of ``real``)
+    """
+
+    n_seq: int
+    max_length: int
+    states_pi: tuple[th.Tensor, th.Tensor]
+    states_vf: tuple[th.Tensor, th.Tensor]
+    episode_starts: th.Tensor
+    real: th.Tensor
+    policy_rows: th.Tensor
+
+
+def reset_at_sequence_starts(states: tuple[th.Tensor, ...], first_step_starts: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    """
+    Apply the LSTM reset ``h <- (1 - episode_start) h`` of each sequence's first step to its initial state.
+
+    :param states: ``(h, c)`` of shape ``(n_layers, n_seq, hidden)``
+    :param first_step_starts: Episode-start flag of the first step of every sequence, shape ``(n_seq,)``
+    :return: The reset ``(h, c)``
+    """
+    keep = (1.0 - first_step_starts).view(1, -1, 1)
+    return (states[0] * keep, states[1] * keep)
+
+
+class RecurrentTRPO(TRPO):
+    """
+    Trust Region Policy Optimization (TRPO) with recurrent (LSTM) policies.
+
+    Paper: https://arxiv.org/abs/1502.05477 (Schulman et al., 2015); recurrent policies in TRPO: Section 8 and
+    Appendix of the paper, and Wierstra et al., "Recurrent policy gradients" (2010). The same trust-region step as
+    :class:`sb3_trpo_ext.TRPO`, for the policy ``pi(a_t | o_1..o_t)`` computed by an LSTM whose hidden state is carried
+    across steps during rollouts and reset at episode starts (as in sb3-contrib's ``RecurrentPPO``, whose policies,
+    buffers and ``predict(obs, state=..., episode_start=...)`` are used unchanged).
+
+    The rollout buffer is read as padded sequences: each starts from the LSTM state recorded when its first step was
+    collected, so the whole batch is replayed through the LSTM in one pass. The surrogate, KL(old || new), the
+    Fisher-vector product ``J^T M J / N`` and the line search are means over the real steps only (``N`` real steps;
+    padding is dropped before any of them). The critic (a separate LSTM by default) is fitted on minibatches of whole
+    sequences with a loss masked to the real steps.
+
+    :param policy: The policy model to use (MlpLstmPolicy, CnnLstmPolicy, MultiInputLstmPolicy, or a
+        ``RecurrentActorCriticPolicy`` class)
+    :param env: The environment to learn from (if registered in Gymnasium, can be str)
+    :param learning_rate: The learning rate of the critic's Adam optimizer, a constant or a schedule of the
+        progress remaining (from 1 to 0)
+    :param n_steps: The number of steps to run for each environment per update
+    :param batch_size: Minibatch size (in steps, rounded to whole sequences) of the critic regression
+    :param gamma: Discount factor
+    :param cg_max_steps: Maximal number of conjugate-gradient iterations
+    :param cg_damping: Damping added to the Fisher matrix, ``F + cg_damping * I``
+    :param line_search_shrinking_factor: Step-size reduction factor ``alpha`` of the line search
+    :param line_search_max_iter: Maximal number of candidate steps of the backtracking line search
+    :param n_critic_updates: Number of epochs of critic regression per policy update
+    :param gae_lambda: Factor for trade-off of bias vs variance for the Generalized Advantage Estimator
+    :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
+    :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE
+    :param rollout_buffer_class: Unused (the buffer is always sb3-contrib's ``RecurrentRolloutBuffer`` or its Dict
+        version); kept for a signature identical to TRPO's
+    :param rollout_buffer_kwargs: Unused, likewise
+    :param normalize_advantage: Whether to normalize the advantages (over the real steps of the batch)
+    :param target_kl: Trust-region radius ``delta``: bound on the mean KL(old || new) over the real steps
+    :param sub_sampling_factor: Use every k-th real step in the policy step (all steps still feed the LSTM)
+    :param stats_window_size: Window size for the rollout logging
+    :param tensorboard_log: The log location for tensorboard (if None, no logging)
+    :param policy_kwargs: Additional arguments to be passed to the policy on creation (``lstm_hidden_size``,
+        ``n_lstm_layers``, ``shared_lstm``, ``enable_critic_lstm``, ...)
+    :param verbose: The verbosity level: 0 no output, 1 info, 2 debug
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    :param cg_residual_tol: Conjugate gradient stops once the squared residual norm is below this value
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpLstmPolicy": MlpLstmPolicy,
+        "CnnLstmPolicy": CnnLstmPolicy,
+        "MultiInputLstmPolicy": MultiInputLstmPolicy,
+    }
+    policy: RecurrentActorCriticPolicy
+    rollout_buffer: RecurrentRolloutBuffer
+
+    def __init__(
+        self,
+        policy: str | type[RecurrentActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 1e-3,
+        n_steps: int = 2048,
+        batch_size: int = 128,
+        gamma: float = 0.99,
+        cg_max_steps: int = 15,
+        cg_damping: float = 0.1,
+        line_search_shrinking_factor: float = 0.8,
+        line_search_max_iter: int = 10,
+        n_critic_updates: int = 10,
+        gae_lambda: float = 0.95,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        normalize_advantage: bool = True,
+        target_kl: float = 0.01,
+        sub_sampling_factor: int = 1,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+        cg_residual_tol: float = 1e-10,
+    ):
+        super().__init__(
+            policy,  # type: ignore[arg-type]
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            batch_size=batch_size,
+            gamma=gamma,
+            cg_max_steps=cg_max_steps,
+            cg_damping=cg_damping,
+            line_search_shrinking_factor=line_search_shrinking_factor,
+            line_search_max_iter=line_search_max_iter,
+            n_critic_updates=n_critic_updates,
+            gae_lambda=gae_lambda,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=None,
+            rollout_buffer_kwargs=None,
+            normalize_advantage=normalize_advantage,
+            target_kl=target_kl,
+            sub_sampling_factor=sub_sampling_factor,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=False,
+            cg_residual_tol=cg_residual_tol,
+        )
+        self._last_lstm_states: RNNStates | None = None
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        super()._setup_model()  # the policy (and a plain buffer, replaced below: its shape needs the policy's LSTM)
+        if not isinstance(self.policy, RecurrentActorCriticPolicy):
+            raise ValueError(
+                f"RecurrentTRPO needs a policy that subclasses RecurrentActorCriticPolicy, got {type(self.policy)}"
+            )
+        lstm = self.policy.lstm_actor
+        single_state_shape = (lstm.num_layers, self.n_envs, lstm.hidden_size)
+        zeros = [th.zeros(single_state_shape, device=self.device) for _ in range(4)]
+        self._last_lstm_states = RNNStates((zeros[0], zeros[1]), (zeros[2], zeros[3]))
+        buffer_class = (
+            RecurrentDictRolloutBuffer if isinstance(self.observation_space, spaces.Dict) else RecurrentRolloutBuffer
+        )
+        self.rollout_buffer = buffer_class(  # type: ignore[assignment]
+            self.n_steps,
+            self.observation_space,
+            self.action_space,
+            (self.n_steps, lstm.num_layers, self.n_envs, lstm.hidden_size),
+            self.device,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            n_envs=self.n_envs,
+        )
+        # The sequences of the batch under update (set by train() for the policy step and the critic regression)
+        self._sequences: SequenceBatch | None = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Rollouts
+    # ----------------------------------------------------------------------------------------------------------
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """
+        Collect ``n_rollout_steps`` steps per environment, carrying the LSTM states of actor and critic from step to
+        step (reset at episode starts) and storing the states each step started from, as ``RecurrentPPO`` does.
+        Truncated episodes are bootstrapped with the value of their last observation (under the critic's state).
+
+        :param env: The training environment
+        :param callback: Callback called at every step (and at the beginning and end of the rollout)
+        :param rollout_buffer: Buffer to fill (a ``RecurrentRolloutBuffer`` or ``RecurrentDictRolloutBuffer``)
+        :param n_rollout_steps: Number of steps to collect per environment
+        :return: True if ``n_rollout_steps`` steps were collected, False if the callback stopped the rollout
+        """
+        assert isinstance(rollout_buffer, (RecurrentRolloutBuffer, RecurrentDictRolloutBuffer)), "buffer must be recurrent"
+        assert self._last_obs is not None and self._last_lstm_states is not None, "No previous observation was provided"
+        self.policy.set_training_mode(False)
+        n_steps = 0
+        rollout_buffer.reset()
+        if self.use_sde:
+            self.policy.reset_noise(env.num_envs)
+        callback.on_rollout_start()
+        lstm_states = deepcopy(self._last_lstm_states)
+
+        while n_steps < n_rollout_steps:
+            if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
+                self.policy.reset_noise(env.num_envs)
+            with th.no_grad():
+                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
+                episode_starts = th.tensor(self._last_episode_starts, dtype=th.float32, device=self.device)
+                actions, values, log_probs, lstm_states = self.policy(obs_tensor, lstm_states, episode_starts)
+            actions = actions.cpu().numpy()
+            clipped_actions = actions
+            if isinstance(self.action_space, spaces.Box):
+                clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)
+            new_obs, rewards, dones, infos = env.step(clipped_actions)
+            self.num_timesteps += env.num_envs
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+
+            if isinstance(self.action_space, spaces.Discrete):
+                actions = actions.reshape(-1, 1)
+            # Bootstrap truncated episodes with the value of their last observation (SB3 issue 633)
+            for idx in np.flatnonzero(dones):
+                if infos[idx].get("terminal_observation") is not None and infos[idx].get("TimeLimit.truncated", False):
+                    terminal_obs = self.policy.obs_to_tensor(infos[idx]["terminal_observation"])[0]
+                    with th.no_grad():
+                        terminal_state = (
+                            lstm_states.vf[0][:, idx : idx + 1, :].contiguous(),
+                            lstm_states.vf[1][:, idx : idx + 1, :].contiguous(),
+                        )
+                        not_a_start = th.zeros(1, dtype=th.float32, device=self.device)
+                        terminal_value = self.policy.predict_values(terminal_obs, terminal_state, not_a_start)[0]  # type: ignore[arg-type]
+                    rewards[idx] += self.gamma * terminal_value
+
+            rollout_buffer.add(
+                self._last_obs,  # type: ignore[arg-type]
+                actions,
+                rewards,
+                self._last_episode_starts,  # type: ignore[arg-type]
+                values,
+                log_probs,
+                lstm_states=self._last_lstm_states,
+            )
+            self._last_obs = new_obs  # type: ignore[assignment]
+            self._last_episode_starts = dones
+            self._last_lstm_states = lstm_states
+
+        with th.no_grad():
+            episode_starts = th.tensor(dones, dtype=th.float32, device=self.device)
+            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device), lstm_states.vf, episode_starts)  # type: ignore[arg-type]
+        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        callback.on_rollout_end()
+        return True
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Training: surrogate over the real steps of the sequences (KL, Fisher-vector product and line search follow)
+    # ----------------------------------------------------------------------------------------------------------
+    def _split_parameters(self, observations: PyTorchObs) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
+        """Actor and critic parameters found by structure, as in TRPO, through the recurrent forward passes."""
+        if self._actor_params is None or self._critic_params is None:
+            one = index_observations(observations, slice(0, 1))
+            lstm = self.policy.lstm_actor
+            zeros = th.zeros((lstm.num_layers, 1, lstm.hidden_size), device=self.device)
+            start = th.zeros(1, device=self.device)
+            params = [p for p in self.policy.parameters() if p.requires_grad]
+            with th.enable_grad():
+                distribution, _ = self.policy.get_distribution(one, (zeros, zeros), start)  # type: ignore[arg-type]
+                dist_tensors = distribution_params(distribution).tensors
+                values = self.policy.predict_values(one, (zeros, zeros), start)  # type: ignore[arg-type]
+                actor_grads = th.autograd.grad(th.stack([t.sum() for t in dist_tensors]).sum(), params, allow_unused=True)
+                critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
+            actor = [p for p, g in zip(params, actor_grads) if g is not None]
+            actor_ids = {id(p) for p in actor}
+            critic = [p for p, g in zip(params, critic_grads) if g is not None and id(p) not in actor_ids]
+            if not actor:
+                raise ValueError("the policy's action distribution does not depend on any trainable parameter")
+            self._actor_params, self._critic_params = actor, critic
+        return self._actor_params, self._critic_params
+
+    def _sequence_batch(self) -> SequenceBatch:
+        """The sequences of the batch under update (set by :meth:`train`)."""
+        if self._sequences is None:
+            raise RuntimeError("RecurrentTRPO: no sequence batch is set; the policy step runs inside train()")
+        return self._sequences
+
+    def _surrogate(
+        self, observations: PyTorchObs, actions: th.Tensor, old_log_prob: th.Tensor, advantages: th.Tensor
+    ) -> tuple[th.Tensor, DistParams]:
+        """
+        Surrogate ``L = mean_t(pi(a_t|h_t) / pi_old(a_t|h_t) * A_t)`` over the real steps of the padded sequences:
+        the LSTM replays every sequence from its stored initial state, then padding rows are dropped.
+
+        :param observations: Padded observations of all sequences (``n_seq * max_length`` rows)
+        :param actions: Padded actions, one row per observation row
+        :param old_log_prob: Log-probabilities of the actions of the real steps used by the policy step, under the
+            policy that collected them
+        :param advantages: Their (normalised) advantages
+        :return: ``L`` and the distribution parameters of those real steps only, so that the KL and the Fisher-vector
+            product are means over real steps too
+        """
+        batch = self._sequence_batch()
+        distribution, _ = self.policy.get_distribution(observations, batch.states_pi, batch.episode_starts)  # type: ignore[arg-type]
+        log_prob = distribution.log_prob(actions)[batch.policy_rows]
+        params = distribution_params(distribution)
+        ratio = th.exp(log_prob - old_log_prob)
+        return (ratio * advantages).mean(), DistParams(params.kind, tuple(t[batch.policy_rows] for t in params.tensors))
+
+    def _critic_regression(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
+        """
+        Fit the value function to the returns by Adam, ``n_critic_updates`` epochs of minibatches of whole sequences
+        (about ``batch_size`` real steps each), the squared error averaged over real steps only. Gradients are
+        computed for the critic parameters only, so the policy does not move.
+
+        :param observations: Padded observations of all sequences
+        :param returns: Padded returns (padding rows are ignored)
+        :return: The value loss of every minibatch
+        """
+        batch = self._sequence_batch()
+        _, critic_params = self._split_parameters(observations)
+        losses: list[float] = []
+        if not critic_params or self.n_critic_updates == 0:
+            return losses
+        optimizer = self.policy.optimizer
+        real_mask = th.zeros(batch.n_seq * batch.max_length, dtype=th.bool, device=returns.device)
+        real_mask[batch.real] = True
+        real_mask = real_mask.view(batch.n_seq, batch.max_length)
+        returns_seq = returns.view(batch.n_seq, batch.max_length)
+        seqs_per_batch = max(1, round(self.batch_size * batch.n_seq / max(1, batch.real.numel())))
+        for _ in range(self.n_critic_updates):
+            permutation = th.randperm(batch.n_seq, device=returns.device)
+            for start in range(0, batch.n_seq, seqs_per_batch):
+                seqs = permutation[start : start + seqs_per_batch]
+                rows = (seqs[:, None] * batch.max_length + th.arange(batch.max_length, device=seqs.device)).flatten()
+                states = (batch.states_vf[0][:, seqs].contiguous(), batch.states_vf[1][:, seqs].contiguous())
+                values = self.policy.predict_values(
+                    index_observations(observations, rows),  # type: ignore[arg-type]
+                    states,
+                    batch.episode_starts[rows],
+                ).view(len(seqs), batch.max_length)
+                mask = real_mask[seqs]
+                value_loss = ((values - returns_seq[seqs]) ** 2)[mask].mean()
+                grads = th.autograd.grad(value_loss, critic_params)
+                optimizer.zero_grad(set_to_none=True)
+                for param, grad in zip(critic_params, grads):
+                    param.grad = grad
+                optimizer.step()
+                losses.append(value_loss.item())
+        optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    def _prepare_sequences(self, data: Any) -> SequenceBatch:
+        """
+        Read a ``RecurrentRolloutBufferSamples`` as a :class:`SequenceBatch`: move each sequence's first-step reset
+        into its initial states (episode starts occur only there), and find the real steps.
+        """
+        n_seq = data.lstm_states.pi[0].shape[1]
+        max_length = data.episode_starts.shape[0] // n_seq
+        starts = data.episode_starts.view(n_seq, max_length)
+        if bool((starts[:, 1:] != 0).any()):  # cannot happen with sb3-contrib's sequencing; keep the exact loop then
+            episode_starts = data.episode_starts
+            states_pi, states_vf = data.lstm_states.pi, data.lstm_states.vf
+        else:
+            episode_starts = th.zeros_like(data.episode_starts)
+            states_pi = reset_at_sequence_starts(data.lstm_states.pi, starts[:, 0])
+            states_vf = reset_at_sequence_starts(data.lstm_states.vf, starts[:, 0])
+        real = th.nonzero(data.mask > 0.5).flatten()
+        return SequenceBatch(
+            n_seq=n_seq,
+            max_length=max_length,
+            states_pi=states_pi,
+            states_vf=states_vf,
+            episode_starts=episode_starts,
+            real=real,
+            policy_rows=real[:: self.sub_sampling_factor],
+        )
+
+    def train(self) -> None:
+        """Update the recurrent policy (one trust-region step) and the critic on the rollout buffer's sequences."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+
+        data = next(self.rollout_buffer.get(batch_size=None))  # every sequence, padded to the longest
+        batch = self._prepare_sequences(data)
+        observations, returns = data.observations, data.returns
+        actions = data.actions.float()  # padded from the buffer's own dtype (int8 for MultiBinary)
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        obs_tensors = list(observations.values()) if isinstance(observations, dict) else [observations]
+        batch_fields = [*obs_tensors, actions.float(), data.old_log_prob, data.advantages, returns]
+
+        self._n_updates += 1
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        if not all_finite([t[batch.real] for t in batch_fields]):
+            warnings.warn(
+                "RecurrentTRPO: the rollout batch holds non-finite values; this update is skipped and the parameters "
+                "are left unchanged",
+                RuntimeWarning,
+            )
+            self.logger.record("train/skipped_update", 1.0)
+            return
+
+        rows = batch.policy_rows
+        advantages = data.advantages[rows]
+        if self.normalize_advantage and advantages.numel() > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        self._sequences = batch
+        try:
+            stats = self._policy_step(observations, actions, data.old_log_prob[rows], advantages)
+            if stats.skipped is not None:
+                warnings.warn(f"RecurrentTRPO: policy step skipped: {stats.skipped}; the policy is unchanged", RuntimeWarning)
+            value_losses = self._critic_regression(observations, returns)
+        finally:
+            self._sequences = None
+        self._log_train_stats(stats, value_losses)
+
+    def learn(
+        self: SelfRecurrentTRPO,
+        total_timesteps: int | float,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "RecurrentTRPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfRecurrentTRPO:
+        """
+        Train the agent for ``total_timesteps`` environment steps.
+
+        :param total_timesteps: The total number of samples (env steps) to train on
+        :param callback: Callback(s) called at every step with state of the algorithm
+        :param log_interval: The number of rollouts before logging
+        :param tb_log_name: The name of the run for TensorBoard logging
+        :param reset_num_timesteps: Whether or not to reset the current timestep number (used in logging)
+        :param progress_bar: Display a progress bar using tqdm and rich
+        :return: The trained model
+        """
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_last_lstm_states", "_sequences"]
