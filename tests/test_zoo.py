@@ -25,23 +25,22 @@ import gymnasium as gym
 import optuna
 import pytest
 import yaml
-from stable_baselines3.common.base_class import BaseAlgorithm
 
-import sb3_trpo_ext
 from sb3_trpo_ext import TRPO
 from sb3_trpo_ext.zoo import (
     HYPERPARAMS_DIR,
     ZOO_ALGORITHMS,
     available_algorithms,
-    convert_trpo_ext_params,
     hyperparams_file,
-    sample_trpo_ext_params,
 )
 
-rl_zoo3 = pytest.importorskip("rl_zoo3", reason="RL Zoo is an optional dependency: pip install sb3_trpo_ext[zoo]")
+# Located, not imported: importing rl_zoo3 patches gymnasium's TimeLimit, which the rest of the suite must not inherit.
+RL_ZOO3 = importlib.util.find_spec("rl_zoo3")
+if RL_ZOO3 is None or RL_ZOO3.origin is None:
+    pytest.skip("RL Zoo is an optional dependency: pip install sb3_trpo_ext[zoo]", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
-ZOO_TRPO_YML = Path(rl_zoo3.__file__).resolve().parent / "hyperparams" / "trpo.yml"
+ZOO_TRPO_YML = Path(RL_ZOO3.origin).resolve().parent / "hyperparams" / "trpo.yml"
 PACKAGED_YML = HYPERPARAMS_DIR / "trpo_ext.yml"
 MUJOCO_ENVS = [
     "HalfCheetah",
@@ -138,29 +137,106 @@ def test_start_up_hook_is_installed_and_light(tmp_path: Path) -> None:
     assert heavy.isdisjoint(state["modules"]), heavy & set(state["modules"])
 
 
-def test_zoo_keys_after_import() -> None:
-    import sb3_contrib
+def zoo_facts(log_folder: str) -> dict[str, Any]:
+    """
+    What the zoo sees of this package once imported. Runs in a subprocess (see :func:`facts`): importing rl_zoo3
+    patches gymnasium's ``TimeLimit`` for the whole process, which the rest of the test suite must not inherit.
+    """
+    import warnings
+
+    from rl_zoo3.exp_manager import ExperimentManager
     from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER, HYPERPARAMS_SAMPLER
     from rl_zoo3.utils import ALGOS
 
-    assert ALGOS["trpo_ext"] is sb3_trpo_ext.TRPO
-    assert ALGOS["trpo"] is sb3_contrib.TRPO  # the zoo's own key is untouched
-    assert HYPERPARAMS_SAMPLER["trpo_ext"] is sample_trpo_ext_params
-    assert HYPERPARAMS_CONVERTER["trpo_ext"] is convert_trpo_ext_params
+    def name(thing: Any) -> str:
+        return f"{thing.__module__}.{thing.__qualname__}"
+
+    def manager(algo: str, **kwargs: Any) -> ExperimentManager:
+        return ExperimentManager(Namespace(), algo, "CartPole-v1", log_folder, verbose=0, **kwargs)
+
+    # Every entry of every hyperparameter file, through the zoo's own pre-processing (schedules, normalize,
+    # policy_kwargs strings, n_envs...), then through the algorithm's constructor.
+    build_failures = []
+    for key, algorithm in available_algorithms().items():
+        packaged = hyperparams_file(key)
+        assert packaged is not None
+        for env_id, entry in load_yaml(packaged).items():
+            env = substitute_env(key, env_id, entry)
+            try:
+                hyperparams, *_ = manager(key)._preprocess_hyperparams(copy.deepcopy(entry))
+                algorithm(env=env, device="cpu", **hyperparams)
+            except Exception as error:
+                build_failures.append(f"{key} {env_id}: {type(error).__name__}: {error}")
+            finally:
+                env.close()
+
+    # What the zoo's TRPO search space proposes builds a TRPO, and `--trial-id` reloads the same arguments.
+    sampler_failures = []
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    for _ in range(8):
+        trial = study.ask()
+        proposed = HYPERPARAMS_SAMPLER["trpo_ext"](trial, 1, 2, {})
+        try:
+            if HYPERPARAMS_CONVERTER["trpo_ext"](trial.params) != proposed:
+                raise ValueError("the converter does not give back the sampled arguments")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "mini-batch size ... truncated": the zoo's space allows it
+                TRPO("MlpPolicy", "Pendulum-v1", device="cpu", **proposed)
+        except Exception as error:
+            sampler_failures.append(f"{trial.params}: {type(error).__name__}: {error}")
+        study.tell(trial, 0.0)
+
+    return {
+        "algos": {key: name(algorithm) for key, algorithm in ALGOS.items()},
+        "samplers": {key: name(sampler) for key, sampler in HYPERPARAMS_SAMPLER.items()},
+        "converters": {key: name(converter) for key, converter in HYPERPARAMS_CONVERTER.items()},
+        "configs": {
+            "trpo_ext": manager("trpo_ext").config,
+            "trpo": manager("trpo").config,
+            "trpo_ext --conf-file trpo.yml": manager("trpo_ext", config=str(ZOO_TRPO_YML)).config,
+            "trpo_ext_lstm": manager("trpo_ext_lstm").config,
+        },
+        "build_failures": build_failures,
+        "sampler_failures": sampler_failures,
+    }
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("facts")
+    code = "import json, sys; from tests.test_zoo import zoo_facts; json.dump(zoo_facts(sys.argv[1]), open(sys.argv[2], 'w'))"
+    command = [sys.executable, "-c", code, str(folder / "logs"), str(folder / "facts.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return json.loads((folder / "facts.json").read_text())
+
+
+def test_zoo_keys(facts: dict[str, Any]) -> None:
+    assert facts["algos"]["trpo_ext"] == "sb3_trpo_ext.trpo.trpo.TRPO"
+    assert facts["algos"]["trpo"] == "sb3_contrib.trpo.trpo.TRPO"  # the zoo's own key is untouched
+    assert facts["samplers"]["trpo_ext"] == "sb3_trpo_ext.zoo.sample_trpo_ext_params"
+    assert facts["converters"]["trpo_ext"] == "sb3_trpo_ext.zoo.convert_trpo_ext_params"
     for key in ("trpo_ext_mask", "trpo_ext_lstm"):
-        assert (key in ALGOS) == (key in available_algorithms())
+        assert (key in facts["algos"]) == (key in available_algorithms())
+        assert (key in facts["samplers"]) == (key in available_algorithms())
 
 
-def test_experiment_manager_reads_the_packaged_file_only_for_our_keys(tmp_path: Path) -> None:
-    from rl_zoo3.exp_manager import ExperimentManager
+def test_experiment_manager_reads_the_packaged_file_only_for_our_keys(facts: dict[str, Any]) -> None:
+    assert facts["configs"] == {
+        "trpo_ext": str(PACKAGED_YML),
+        "trpo": str(ZOO_TRPO_YML),
+        "trpo_ext --conf-file trpo.yml": str(ZOO_TRPO_YML),
+        "trpo_ext_lstm": str(hyperparams_file("trpo_ext_lstm")),
+    }
 
-    def config(algo: str, **kwargs: Any) -> str:
-        return ExperimentManager(Namespace(), algo, "CartPole-v1", str(tmp_path), **kwargs).config
 
-    assert config("trpo_ext") == str(PACKAGED_YML)
-    assert config("trpo") == str(ZOO_TRPO_YML)
-    assert config("trpo_ext", config=str(ZOO_TRPO_YML)) == str(ZOO_TRPO_YML)
-    assert config("trpo_ext_lstm") == str(hyperparams_file("trpo_ext_lstm"))
+def test_every_hyperparams_entry_builds_the_algorithm(facts: dict[str, Any]) -> None:
+    assert facts["build_failures"] == []
+
+
+def test_sampler_proposals_build_a_trpo(facts: dict[str, Any]) -> None:
+    assert facts["sampler_failures"] == []
 
 
 def test_registration_table_skips_missing_classes() -> None:
@@ -220,39 +296,6 @@ def substitute_env(key: str, env_id: str, hyperparams: dict[str, Any]) -> gym.En
     except (gym.error.Error, ImportError, OSError):
         # Masking is for discrete actions; the other entries are MuJoCo / PyBullet tasks, with continuous actions.
         return gym.make("CartPole-v1" if key == "trpo_ext_mask" else "Pendulum-v1")
-
-
-@pytest.mark.parametrize("key", list(available_algorithms()))
-def test_every_entry_builds_the_algorithm(key: str, tmp_path: Path) -> None:
-    from rl_zoo3.exp_manager import ExperimentManager
-
-    algorithm = available_algorithms()[key]
-    packaged = hyperparams_file(key)
-    assert packaged is not None
-    # The zoo's own pre-processing (schedules, normalize, policy_kwargs strings, n_envs...) then our constructor.
-    manager = ExperimentManager(Namespace(), key, "CartPole-v1", str(tmp_path))
-    for env_id, entry in load_yaml(packaged).items():
-        hyperparams, *_ = manager._preprocess_hyperparams(copy.deepcopy(entry))
-        env = substitute_env(key, env_id, entry)
-        try:
-            model = algorithm(env=env, device="cpu", **hyperparams)
-        except Exception as error:
-            raise AssertionError(f"{key} {env_id}: {hyperparams}") from error
-        finally:
-            env.close()
-        assert isinstance(model, BaseAlgorithm)
-
-
-@pytest.mark.filterwarnings("ignore:You have specified a mini-batch size")  # the zoo's space allows it
-def test_sampler_proposals_build_a_trpo() -> None:
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
-    for _ in range(8):
-        trial = study.ask()
-        proposed = sample_trpo_ext_params(trial, 1, 2, {})
-        assert convert_trpo_ext_params(trial.params) == proposed  # what `--trial-id` reloads
-        model = TRPO("MlpPolicy", "Pendulum-v1", device="cpu", **proposed)
-        assert model.n_steps == proposed["n_steps"]
-        study.tell(trial, 0.0)
 
 
 # --- Command lines ------------------------------------------------------------------------------------------------
