@@ -153,7 +153,8 @@ def _register_samplers(hyperparams_opt: ModuleType) -> None:
 
     :param hyperparams_opt: the ``rl_zoo3.hyperparams_opt`` module.
     """
-    rows = [row for row in ZOO_ALGORITHMS if row.key in available_algorithms()]
+    available = available_algorithms()
+    rows = [row for row in ZOO_ALGORITHMS if row.key in available]
     hyperparams_opt.HYPERPARAMS_SAMPLER.update({row.key: row.sampler for row in rows})
     hyperparams_opt.HYPERPARAMS_CONVERTER.update({row.key: row.converter for row in rows})
 

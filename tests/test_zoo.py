@@ -262,6 +262,23 @@ def test_broken_package_leaves_the_zoo_working(tmp_path: Path) -> None:
     assert "could not register its algorithms with RL Zoo" in result.stderr
 
 
+@pytest.mark.slow
+def test_register_by_hand_without_the_start_up_hook(tmp_path: Path) -> None:
+    code = (
+        "import _sb3_trpo_ext_zoo_hook; _sb3_trpo_ext_zoo_hook.uninstall()\n"  # as under `python -S`
+        "from rl_zoo3.utils import ALGOS\n"
+        "from rl_zoo3.exp_manager import ExperimentManager\n"
+        "assert 'trpo_ext' not in ALGOS\n"
+        "import argparse, sb3_trpo_ext.zoo as zoo; zoo.register(); zoo.register()\n"
+        "from rl_zoo3.hyperparams_opt import HYPERPARAMS_SAMPLER\n"
+        "assert ALGOS['trpo_ext'] is zoo.available_algorithms()['trpo_ext'] and 'trpo_ext' in HYPERPARAMS_SAMPLER\n"
+        "manager = ExperimentManager(argparse.Namespace(), 'trpo_ext', 'CartPole-v1', 'logs', verbose=0)\n"
+        "assert manager.config == str(zoo.hyperparams_file('trpo_ext')), manager.config\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-5000:]
+
+
 # --- Hyperparameters ----------------------------------------------------------------------------------------------
 
 
