@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -183,6 +184,41 @@ class MaskableTRPO(TRPO):
         """The masks of every environment for its current state, checked (an empty mask raises)."""
         return check_action_masks(get_action_masks(env), self.action_space)
 
+    def _lean_masked_step(self) -> Callable[[PyTorchObs, np.ndarray | None], tuple[th.Tensor, th.Tensor, th.Tensor]]:
+        """
+        ``policy(obs, action_masks=masks)`` during rollouts without building ``MaskableCategorical`` objects (which
+        normalise the logits three times per step): the same modules, the same masked logits (``-1e8`` where invalid),
+        the same ``torch.multinomial`` draw on the softmax as ``Categorical.sample``. Used for sb3-contrib's own maskable
+        policy classes; any other policy class goes through its ``forward``.
+        """
+        policy = self.policy
+        if type(policy) not in (MlpPolicy, CnnPolicy, MultiInputPolicy):
+            return lambda obs, masks: policy(obs, action_masks=masks)  # type: ignore[misc]
+        sizes = mask_component_sizes(self.action_space)
+        action_shape = (-1, *self.action_space.shape)  # type: ignore[misc]
+
+        def step(obs: PyTorchObs, masks: np.ndarray | None) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+            features = policy.extract_features(obs)  # type: ignore[arg-type]
+            if policy.share_features_extractor:
+                latent_pi, latent_vf = policy.mlp_extractor(features)
+            else:
+                latent_pi = policy.mlp_extractor.forward_actor(features[0])
+                latent_vf = policy.mlp_extractor.forward_critic(features[1])
+            values = policy.value_net(latent_vf)
+            logits = policy.action_net(latent_pi)
+            if masks is not None:
+                valid = th.as_tensor(masks, dtype=th.bool, device=logits.device).reshape(logits.shape)
+                logits = th.where(valid, logits, th.tensor(-1e8, dtype=logits.dtype, device=logits.device))
+            actions, log_prob = [], th.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
+            for component in th.split(logits, sizes, dim=1):
+                log_p = component - component.logsumexp(dim=1, keepdim=True)
+                action = th.multinomial(th.softmax(log_p, dim=1), 1, True)
+                log_prob = log_prob + log_p.gather(1, action).squeeze(1)
+                actions.append(action)
+            return th.cat(actions, dim=1).reshape(action_shape), values, log_prob
+
+        return step
+
     def collect_rollouts(
         self,
         env: VecEnv,
@@ -208,6 +244,7 @@ class MaskableTRPO(TRPO):
         if use_masking and not is_masking_supported(env):
             raise ValueError("Environment does not support action masking. Consider using ActionMasker wrapper")
         self.policy.set_training_mode(False)
+        policy_step = self._lean_masked_step()
         n_steps = 0
         action_masks: np.ndarray | None = None
         rollout_buffer.reset()
@@ -218,8 +255,8 @@ class MaskableTRPO(TRPO):
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
                 if use_masking:
                     action_masks = self._current_action_masks(env)
-                actions, values, log_probs = self.policy(obs_tensor, action_masks=action_masks)
-            actions = actions.cpu().numpy()
+                action_tensor, values, log_probs = policy_step(obs_tensor, action_masks)
+            actions = action_tensor.cpu().numpy()
             new_obs, rewards, dones, infos = env.step(actions)
             self.num_timesteps += env.num_envs
 
