@@ -114,8 +114,9 @@ def make_lean_policy_step(policy: ActorCriticPolicy, action_space: spaces.Space,
             latent_pi, latent_vf = latents(obs)
             values = F.linear(latent_vf, value_head.weight, value_head.bias)
             mean = F.linear(latent_pi, action_head.weight, action_head.bias)
-            std = std_row.expand_as(mean)
-            actions = th.normal(mean, std)  # Normal.sample
+            # Normal.sample is torch.normal(mean, std), which is standard normal noise scaled by std, then shifted by mean:
+            # the same draws and the same two roundings, without torch.normal's slower broadcasting path
+            actions = th.randn(mean.shape, dtype=mean.dtype, device=mean.device).mul_(std_row).add_(mean)
             log_prob = _normal_log_prob(actions, mean, two_var_row.expand_as(mean), log_scale_row.expand_as(mean))
             return actions.reshape(action_shape), values, log_prob
 
