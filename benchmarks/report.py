@@ -304,11 +304,11 @@ def returns_table(
 
 def latest_speed_run(speed_dir: Path) -> Path | None:
     """
-    :param speed_dir: the speed results folder (one subfolder per run, named by UTC time).
-    :return: the latest run that has a ``learn.json``, or ``None``.
+    :param speed_dir: the speed results folder (one subfolder per run).
+    :return: the run whose ``learn.json`` was created last, or ``None``.
     """
-    runs = sorted(path.parent for path in speed_dir.glob("*/learn.json"))
-    return runs[-1] if runs else None
+    created = {path.parent: (read_json(path) or {}).get("created", "") for path in speed_dir.glob("*/learn.json")}
+    return max(created, key=lambda run: (created[run], run.name)) if created else None
 
 
 def load_speed(run_dir: Path | None) -> dict[str, dict[str, Any]]:
