@@ -16,9 +16,14 @@ from collections.abc import Sequence
 import torch as th
 from stable_baselines3.common.torch_layers import MlpExtractor
 from torch import nn
-from torch.optim.adam import adam as functional_adam
 
 _ACTIVATIONS = (nn.Tanh, nn.ReLU)
+
+
+def _tanh(x: th.Tensor) -> th.Tensor:
+    """``tanh(x) = 2 sigmoid(2x) - 1``: the same function to float32 rounding, and several times faster than
+    ``torch.tanh`` on CPU in PyTorch 2.13 (measured on the project's machines)."""
+    return th.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
 
 
 class FastMlpCritic:
@@ -98,7 +103,7 @@ class FastMlpCritic:
         hidden = [features]
         for layer, activation in zip(self.layers[:-1], self.activations):
             pre = th.addmm(layer.bias, hidden[-1], layer.weight.t())
-            hidden.append(th.tanh(pre) if isinstance(activation, nn.Tanh) else th.relu(pre))
+            hidden.append(_tanh(pre) if isinstance(activation, nn.Tanh) else th.relu(pre))
         head = self.layers[-1]
         values = th.addmm(head.bias, hidden[-1], head.weight.t())
         error = values.squeeze(1) - returns
@@ -113,9 +118,9 @@ class FastMlpCritic:
             if index > 0:
                 upstream = delta.mm(layer.weight)
                 if isinstance(self.activations[index - 1], nn.Tanh):
-                    delta = upstream.mul_(1.0 - inputs.square())
+                    delta = th.ops.aten.tanh_backward(upstream, inputs)  # upstream * (1 - tanh^2)
                 else:
-                    delta = upstream.mul_(inputs > 0)
+                    delta = th.ops.aten.threshold_backward(upstream, inputs, 0.0)  # upstream * (relu > 0)
         grads.reverse()  # -> (w0, b0, w1, b1, ...), the order of self.params
         return loss, grads
 
@@ -136,24 +141,28 @@ class FastMlpCritic:
         n_samples = returns.shape[0]
         losses = []
         for _ in range(n_epochs):
+            # One gather per epoch; the minibatches are then contiguous slices of the shuffled data
             permutation = th.randperm(n_samples, device=returns.device)
+            shuffled_features, shuffled_returns = features[permutation], returns[permutation]
             for start in range(0, n_samples, batch_size):
-                indices = permutation[start : start + batch_size]
-                loss, grads = self.loss_and_gradients(features[indices], returns[indices])
-                functional_adam(
+                end = start + batch_size
+                loss, grads = self.loss_and_gradients(shuffled_features[start:end], shuffled_returns[start:end])
+                # torch.optim.Adam's update, with its fused kernel called directly (the functional wrapper regroups
+                # the tensors by device on every call)
+                th._foreach_add_(steps, 1)
+                th._fused_adam_(
                     self.params,
                     grads,
                     exp_avgs,
                     exp_avg_sqs,
                     [],
                     steps,
-                    fused=True,
-                    amsgrad=False,
+                    lr=group["lr"],
                     beta1=beta1,
                     beta2=beta2,
-                    lr=group["lr"],
                     weight_decay=0.0,
                     eps=group["eps"],
+                    amsgrad=False,
                     maximize=False,
                 )
                 losses.append(loss)
