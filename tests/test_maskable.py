@@ -367,3 +367,24 @@ def test_learns_invalid_action_env_multidiscrete() -> None:
     model = MaskableTRPO("MlpPolicy", env, **LEARNING)  # type: ignore[arg-type]
     model.learn(4096)
     evaluate_policy(model, env, n_eval_episodes=20, reward_threshold=90, warn=False)
+
+
+@pytest.mark.parametrize("share_features_extractor", [True, False])
+def test_cnn_policy_with_random_masks(share_features_extractor: bool) -> None:
+    from stable_baselines3.common.envs import FakeImageEnv
+
+    rng = np.random.default_rng(0)
+
+    def one_random_invalid_action(env: gym.Env) -> list[bool]:
+        invalid = rng.integers(env.action_space.n)  # type: ignore[attr-defined]
+        return [i != invalid for i in range(env.action_space.n)]  # type: ignore[attr-defined]
+
+    env = ActionMasker(FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True), one_random_invalid_action)
+    policy_kwargs = {
+        "net_arch": [8],
+        "share_features_extractor": share_features_extractor,
+        "features_extractor_kwargs": {"features_dim": 16},
+    }
+    model = MaskableTRPO("CnnPolicy", env, n_steps=16, batch_size=16, policy_kwargs=policy_kwargs)
+    model.learn(32)
+    assert model.logger.name_to_value["train/line_search_success"] == 1.0

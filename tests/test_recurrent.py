@@ -265,3 +265,18 @@ def test_lstm_policy_learns_cartpole_without_velocities_where_feed_forward_trpo_
     recurrent_return, _ = evaluate_policy(recurrent, eval_env, n_eval_episodes=10, deterministic=True)
 
     assert feed_forward_return < MEMORY_THRESHOLD < recurrent_return, (feed_forward_return, recurrent_return)
+
+
+def test_gsde_and_cnn_lstm_policy() -> None:
+    from stable_baselines3.common.envs import FakeImageEnv
+
+    model = RecurrentTRPO(
+        "MlpLstmPolicy", make_env("box"), n_steps=16, batch_size=16, use_sde=True, sde_sample_freq=4, policy_kwargs=TINY_LSTM
+    )
+    model.learn(48)
+    assert model.logger.name_to_value["train/line_search_success"] == 1.0
+    image_env = FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True)
+    cnn_kwargs = {**TINY_LSTM, "features_extractor_kwargs": {"features_dim": 16}}
+    model = RecurrentTRPO("CnnLstmPolicy", image_env, n_steps=16, batch_size=16, policy_kwargs=cnn_kwargs)
+    model.learn(32)
+    assert model.logger.name_to_value["train/line_search_success"] == 1.0
