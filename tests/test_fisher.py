@@ -54,3 +54,42 @@ def test_fisher_vector_product_matches_explicit_fisher(case: str) -> None:
         expected = fisher.double() @ v.double() + model.cg_damping * v.double()
         error = th.linalg.norm(fvp(v).double() - expected) / th.linalg.norm(expected)
         assert error < 1e-5
+
+
+@pytest.mark.parametrize(
+    "policy_kwargs",
+    [{"net_arch": [8, 8]}, {"net_arch": [8], "activation_fn": th.nn.ReLU}, {"net_arch": []}, {"net_arch": [64, 64]}],
+    ids=["tanh", "relu", "linear", "default-size"],
+)
+def test_written_out_mlp_fisher_product_matches_generic_and_explicit_fisher(policy_kwargs: dict) -> None:
+    from sb3_trpo_ext.common.mlp_fisher import MlpGaussianFisher
+
+    env = make_identity_env("box")
+    model = TRPO("MlpPolicy", env, n_steps=16, batch_size=16, policy_kwargs=policy_kwargs, seed=2)
+    model.learn(32)  # move away from the initialisation
+    observations = th.as_tensor(sample_observations(env.observation_space, 64), dtype=th.float32)
+    params, _ = model._split_parameters(observations)
+    new = distribution_params(model.policy.get_distribution(observations))
+    generic = model._fisher_vector_product_fn(params, new, new.detach())
+    fast = model._fisher_vector_product_fn(params, new, new.detach(), observations)
+    assert isinstance(fast, MlpGaussianFisher)
+    fisher = explicit_fisher(model, params, observations).double() if policy_kwargs["net_arch"] != [64, 64] else None
+    generator = th.Generator().manual_seed(0)
+    for _ in range(3):
+        v = th.randn(sum(p.numel() for p in params), generator=generator)
+        reference = generic(v).double()
+        assert (th.linalg.norm(fast(v).double() - reference) / th.linalg.norm(reference)).item() < 1e-5
+        if fisher is not None:
+            expected = fisher @ v.double() + model.cg_damping * v.double()
+            assert (th.linalg.norm(fast(v).double() - expected) / th.linalg.norm(expected)).item() < 1e-5
+
+
+def test_written_out_mlp_fisher_product_is_not_used_for_other_actors() -> None:
+    from sb3_trpo_ext.common.mlp_fisher import MlpGaussianFisher
+
+    for kind, use_sde in [("box", True), ("discrete", False)]:
+        env = make_identity_env(kind)
+        model = TRPO("MlpPolicy", env, n_steps=16, batch_size=16, policy_kwargs=TINY, use_sde=use_sde)
+        observations = th.as_tensor(sample_observations(env.observation_space, 8), dtype=th.float32)
+        params, _ = model._split_parameters(observations)
+        assert MlpGaussianFisher.build(model.policy, env.observation_space, use_sde, params) is None

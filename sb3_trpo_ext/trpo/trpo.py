@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from sb3_trpo_ext.common.critic import FastMlpCritic
 from sb3_trpo_ext.common.lean_policy import PolicyStep, make_lean_policy_step
+from sb3_trpo_ext.common.mlp_fisher import MlpGaussianFisher
 from sb3_trpo_ext.common.numerics import (
     DistParams,
     assign_flat_parameters,
@@ -387,6 +388,7 @@ class TRPO(OnPolicyAlgorithm):
         self._critic_params: list[th.nn.Parameter] | None = None
         # None: not decided yet; False: the generic autograd path is used
         self._fast_critic: FastMlpCritic | bool | None = None
+        self._mlp_fisher: MlpGaussianFisher | bool | None = None
 
     def _split_parameters(self, observations: PyTorchObs) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
         """Actor and critic parameters of the current policy, found once by structure (see the class docstring)."""
@@ -409,7 +411,7 @@ class TRPO(OnPolicyAlgorithm):
         return (ratio * advantages).mean(), distribution_params(distribution)
 
     def _fisher_vector_product_fn(
-        self, params: list[th.nn.Parameter], new: DistParams, old: DistParams
+        self, params: list[th.nn.Parameter], new: DistParams, old: DistParams, observations: PyTorchObs | None = None
     ) -> Callable[[th.Tensor], th.Tensor]:
         """
         Fisher-vector product ``v -> F v + damping v`` in Gauss-Newton form ``F = J^T M J / N``.
@@ -422,8 +424,17 @@ class TRPO(OnPolicyAlgorithm):
         :param params: Actor parameters
         :param new: Distribution parameters attached to the graph at the current (old) parameters
         :param old: The same, detached
+        :param observations: The batch, for the specialised product of a standard MLP Gaussian actor
+            (:class:`MlpGaussianFisher`, used when it applies)
         :return: The function computing the damped Fisher-vector product of a flat vector
         """
+        if self._mlp_fisher is None:
+            built = MlpGaussianFisher.build(self.policy, self.observation_space, self.use_sde, params)
+            self._mlp_fisher = built if built is not None else False
+        if isinstance(self._mlp_fisher, MlpGaussianFisher) and isinstance(observations, th.Tensor):
+            # The same product written out for the standard MLP Gaussian actor (tested against the generic one)
+            self._mlp_fisher.prepare(observations, self.cg_damping)
+            return self._mlp_fisher
         n_samples = new.tensors[0].shape[0]
         dummies = [th.zeros_like(t, requires_grad=True) for t in new.tensors]
         jt_dummy = th.autograd.grad(new.tensors, params, grad_outputs=dummies, create_graph=True, allow_unused=True)
@@ -499,7 +510,7 @@ class TRPO(OnPolicyAlgorithm):
             return stats
 
         # 2. x = F^-1 g by conjugate gradient from x0 = 0, with Fisher-vector products only
-        fvp = self._fisher_vector_product_fn(params, new, old)
+        fvp = self._fisher_vector_product_fn(params, new, old, observations)
         cg = conjugate_gradient(fvp, grad, max_iter=self.cg_max_steps, residual_tol=self.cg_residual_tol)
         stats.cg_iterations, stats.cg_residual_norm = cg.iterations, cg.residual_norm
 
@@ -656,4 +667,4 @@ class TRPO(OnPolicyAlgorithm):
         )
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_actor_params", "_critic_params", "_fast_critic"]
+        return [*super()._excluded_save_params(), "_actor_params", "_critic_params", "_fast_critic", "_mlp_fisher"]
