@@ -434,7 +434,7 @@ gym.register(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("key", "env_id"), [("trpo_ext_mask", "InvalidActionEnvDiscrete-v0"), ("trpo_ext_lstm", "CartPole-v1")]
+    ("key", "env_id"), [("trpo_ext_mask", "InvalidActionEnvDiscrete-v0"), ("trpo_ext_lstm", "CartPoleNoVel-v1")]
 )
 def test_train_the_other_keys(key: str, env_id: str, tmp_path: Path) -> None:
     if key not in available_algorithms():
