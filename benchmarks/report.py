@@ -401,10 +401,12 @@ def speed_table(speed: dict[str, dict[str, Any]], run_name: str | None, figures_
     learn = speed["learn"]
     summary = learn_summary(learn["rows"])
     v = learn["versions"]
+    load = ", ".join(f"{x:.1f}" for x in learn["load_average"]) if "load_average" in learn else "not recorded"
     lines = [
         f"Run `{run_name}` ({learn['created']}): sb3_trpo_ext {v['sb3_trpo_ext']} (commit {v['git_commit']}, sources "
         f"{v.get('sb3_trpo_ext_sources_sha256')}), sb3-contrib {v['sb3_contrib']}, torch {v['torch']} on "
-        f"{learn['torch_threads']} thread, CPU, {v['cpu_count']} cores. Speed-up = sb3_contrib time / sb3_trpo_ext "
+        f"{learn['torch_threads']} thread, CPU, {v['cpu_count']} cores, load average (1, 5, 15 min) at the end of "
+        f"the section: {load}. Speed-up = sb3_contrib time / sb3_trpo_ext "
         "time of the same pair (above 1: sb3_trpo_ext is faster), min / median / max over the measured pairs, "
         "runs alternated A/B after a warm-up pair.",
         "",

@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -386,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                 "smoke": args.smoke,
                 "created": timestamp(),
                 "torch_threads": th.get_num_threads(),
+                # Other processes on the machine inflate the times; the ratios of alternated pairs suffer less.
+                "load_average": os.getloadavg(),
                 "device": "cpu",
                 "settings": {**settings.__dict__, "overrides": dict(settings.overrides)},
                 "sweep_hyperparams": config.describe(),
