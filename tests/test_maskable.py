@@ -18,8 +18,8 @@ from stable_baselines3.common.envs import IdentityEnv, IdentityEnvBox
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import DummyVecEnv
 
+from sb3_trpo_ext.common.policy_utils import distribution_params
 from sb3_trpo_ext.maskable import MaskableTRPO
-from sb3_trpo_ext.maskable.masks import masked_distribution_params
 from tests.helpers import TINY
 
 KINDS = ["discrete", "multidiscrete", "multibinary"]
@@ -53,7 +53,7 @@ def masked_torch_distributions(
 ) -> list[th.distributions.Categorical]:
     """The masked policy as plain torch Categoricals, invalid outcomes at probability exactly 0 (torch's own KL then)."""
     distribution = model.policy.get_distribution(observations, action_masks=masks)
-    logits = masked_distribution_params(distribution).tensors
+    logits = distribution_params(distribution).tensors
     out = []
     for component_logits, component_mask in zip(logits, component_masks(model, masks)):
         probs = th.where(component_mask, component_logits.exp(), th.zeros_like(component_logits))
@@ -206,7 +206,7 @@ def test_fisher_vector_product_matches_explicit_fisher_of_the_masked_policy(kind
     fisher = th.stack(rows).double()
 
     model._action_masks = masks
-    new = masked_distribution_params(model.policy.get_distribution(observations, action_masks=masks))
+    new = distribution_params(model.policy.get_distribution(observations, action_masks=masks))
     fvp = model._fisher_vector_product_fn(params, new, new.detach())
     generator = th.Generator().manual_seed(0)
     for _ in range(3):

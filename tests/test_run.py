@@ -178,3 +178,22 @@ def test_predict_shapes() -> None:
     obs = np.zeros((5, 3), dtype=np.float32)
     actions, state = model.predict(obs, deterministic=True)
     assert actions.shape == (5, 1) and state is None
+
+
+def test_trpo_needs_no_sb3_contrib_and_the_extras_say_what_they_need() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['sb3_contrib'] = None  # as if sb3-contrib were not installed\n"
+        "import sb3_trpo_ext\n"
+        "sb3_trpo_ext.TRPO('MlpPolicy', 'CartPole-v1', n_steps=32, batch_size=32).learn(32)\n"
+        "try:\n"
+        "    sb3_trpo_ext.MaskableTRPO\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "needs sb3-contrib" in result.stdout

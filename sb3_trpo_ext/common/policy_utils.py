@@ -45,12 +45,15 @@ def distribution_params(distribution: Distribution) -> DistParams:
         return DistParams(CATEGORICAL, (distribution.distribution.logits,))
     if isinstance(distribution, BernoulliDistribution):
         return DistParams(BERNOULLI, (distribution.distribution.logits,))
-    # sb3-contrib's MaskableCategorical distributions keep a list or a single torch Categorical, too.
-    inner = getattr(distribution, "distribution", None)
-    if isinstance(inner, th.distributions.Categorical):
-        return DistParams(CATEGORICAL, (inner.logits,))
-    if isinstance(inner, list) and inner and all(isinstance(d, th.distributions.Categorical) for d in inner):
-        return DistParams(CATEGORICAL, tuple(d.logits for d in inner))
+    # sb3-contrib's maskable distributions: one torch Categorical in ``distribution`` (Discrete), or one per action
+    # component in ``distributions`` (MultiDiscrete, and MultiBinary as categoricals of two outcomes). Their logits
+    # are already masked (masked outcomes at -1e8 before normalisation, so probability 0).
+    for attribute in ("distribution", "distributions"):
+        inner = getattr(distribution, attribute, None)
+        if isinstance(inner, th.distributions.Categorical):
+            return DistParams(CATEGORICAL, (inner.logits,))
+        if isinstance(inner, list) and inner and all(isinstance(d, th.distributions.Categorical) for d in inner):
+            return DistParams(CATEGORICAL, tuple(d.logits for d in inner))
     raise TypeError(f"TRPO does not support the action distribution {type(distribution).__name__}")
 
 

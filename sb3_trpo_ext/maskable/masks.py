@@ -17,14 +17,6 @@ from itertools import pairwise
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from sb3_contrib.common.maskable.distributions import (
-    MaskableCategoricalDistribution,
-    MaskableMultiCategoricalDistribution,
-)
-from stable_baselines3.common.distributions import Distribution
-
-from sb3_trpo_ext.common.numerics import CATEGORICAL, DistParams
-from sb3_trpo_ext.common.policy_utils import distribution_params
 
 
 def mask_component_sizes(action_space: spaces.Space) -> list[int]:
@@ -76,18 +68,3 @@ def check_action_masks(masks: np.ndarray | th.Tensor | Sequence[bool], action_sp
                 "at least one action must be allowed in every state"
             )
     return array
-
-
-def masked_distribution_params(distribution: Distribution) -> DistParams:
-    """
-    Parameters of an sb3-contrib maskable distribution (with its masks applied) in the canonical parametrisation:
-    the normalised logits of each categorical component, masked outcomes at ``log p = -1e8 - logsumexp``.
-
-    :param distribution: A distribution returned by ``MaskableActorCriticPolicy.get_distribution``
-    :return: Its parameters, still attached to the autograd graph
-    """
-    if isinstance(distribution, MaskableCategoricalDistribution):
-        return DistParams(CATEGORICAL, (distribution.distribution.logits,))
-    if isinstance(distribution, MaskableMultiCategoricalDistribution):  # MultiBinary is a MultiCategorical of 2s
-        return DistParams(CATEGORICAL, tuple(component.logits for component in distribution.distributions))
-    return distribution_params(distribution)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -20,8 +20,8 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_trpo_ext.common.numerics import DistParams
-from sb3_trpo_ext.common.policy_utils import all_finite, index_observations
-from sb3_trpo_ext.maskable.masks import check_action_masks, mask_component_sizes, masked_distribution_params
+from sb3_trpo_ext.common.policy_utils import distribution_params
+from sb3_trpo_ext.maskable.masks import check_action_masks, mask_component_sizes
 from sb3_trpo_ext.maskable.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo_ext.trpo.trpo import TRPO
 
@@ -319,23 +319,6 @@ class MaskableTRPO(TRPO):
     # ----------------------------------------------------------------------------------------------------------
     # Training: the masked surrogate (KL, Fisher-vector product and line search follow from it)
     # ----------------------------------------------------------------------------------------------------------
-    def _split_parameters(self, observations: PyTorchObs) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
-        """Actor and critic parameters found by structure, as in TRPO (masked distributions of every action space)."""
-        if self._actor_params is None or self._critic_params is None:
-            one = index_observations(observations, slice(0, 1))
-            params = [p for p in self.policy.parameters() if p.requires_grad]
-            with th.enable_grad():
-                dist_tensors = masked_distribution_params(self.policy.get_distribution(one)).tensors
-                actor_grads = th.autograd.grad(th.stack([t.sum() for t in dist_tensors]).sum(), params, allow_unused=True)
-                critic_grads = th.autograd.grad(self.policy.predict_values(one).sum(), params, allow_unused=True)
-            actor = [p for p, g in zip(params, actor_grads) if g is not None]
-            actor_ids = {id(p) for p in actor}
-            critic = [p for p, g in zip(params, critic_grads) if g is not None and id(p) not in actor_ids]
-            if not actor:
-                raise ValueError("the policy's action distribution does not depend on any trainable parameter")
-            self._actor_params, self._critic_params = actor, critic
-        return self._actor_params, self._critic_params
-
     def _surrogate(
         self, observations: PyTorchObs, actions: th.Tensor, old_log_prob: th.Tensor, advantages: th.Tensor
     ) -> tuple[th.Tensor, DistParams]:
@@ -348,49 +331,16 @@ class MaskableTRPO(TRPO):
         distribution = self.policy.get_distribution(observations, action_masks=self._action_masks)  # type: ignore[arg-type]
         log_prob = distribution.log_prob(actions)
         ratio = th.exp(log_prob - old_log_prob)
-        return (ratio * advantages).mean(), masked_distribution_params(distribution)
+        return (ratio * advantages).mean(), distribution_params(distribution)
 
-    def train(self) -> None:
-        """Update the masked policy (one trust-region step) and the critic on the rollout buffer."""
-        self.policy.set_training_mode(True)
-        self._update_learning_rate(self.policy.optimizer)
-
-        rollout_data = next(self.rollout_buffer.get(batch_size=None))
-        observations, returns = rollout_data.observations, rollout_data.returns
-        actions = rollout_data.actions
-        if isinstance(self.action_space, spaces.Discrete):
-            actions = actions.long().flatten()
-        obs_tensors = list(observations.values()) if isinstance(observations, dict) else [observations]
-        batch_fields = [*obs_tensors, actions.float(), rollout_data.old_log_prob, rollout_data.advantages, returns]
-
-        self._n_updates += 1
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        if not all_finite(batch_fields):
-            warnings.warn(
-                "MaskableTRPO: the rollout batch holds non-finite values; this update is skipped and the parameters "
-                "are left unchanged",
-                RuntimeWarning,
-            )
-            self.logger.record("train/skipped_update", 1.0)
-            return
-
-        # Policy step on every sub_sampling_factor-th sample, with the masks recorded for those samples
-        sub = slice(None, None, self.sub_sampling_factor)
-        advantages = rollout_data.advantages[sub]
-        if self.normalize_advantage and advantages.numel() > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        self._action_masks = rollout_data.action_masks[sub]
+    @contextmanager
+    def _policy_batch_context(self, rollout_data: Any, rows: slice) -> Iterator[None]:
+        """The masks recorded with the samples of the policy step, for :meth:`_surrogate` while the step runs."""
+        self._action_masks = rollout_data.action_masks[rows]
         try:
-            stats = self._policy_step(
-                index_observations(observations, sub), actions[sub], rollout_data.old_log_prob[sub], advantages
-            )
+            yield
         finally:
             self._action_masks = None
-        if stats.skipped is not None:
-            warnings.warn(f"MaskableTRPO: policy step skipped: {stats.skipped}; the policy is unchanged", RuntimeWarning)
-
-        value_losses = self._critic_regression(observations, returns)
-        self._log_train_stats(stats, value_losses)
 
     def learn(  # type: ignore[override]
         self: SelfMaskableTRPO,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -571,6 +572,17 @@ class TRPO(OnPolicyAlgorithm):
         optimizer.zero_grad(set_to_none=True)
         return losses
 
+    def _policy_batch_context(self, rollout_data: Any, rows: slice) -> AbstractContextManager[None]:
+        """
+        Hook for subclasses: make per-sample inputs of the policy step other than observations and actions (the
+        action masks of :class:`~sb3_trpo_ext.MaskableTRPO`) available while the step runs.
+
+        :param rollout_data: The whole rollout batch
+        :param rows: The rows of the batch the policy step uses
+        :return: A context manager active during the policy step (nothing to do for TRPO)
+        """
+        return nullcontext()
+
     def train(self) -> None:
         """Update the policy (one trust-region step) and the critic on the rollout buffer."""
         self.policy.set_training_mode(True)
@@ -589,8 +601,8 @@ class TRPO(OnPolicyAlgorithm):
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         if not all_finite(batch_fields):
             warnings.warn(
-                "TRPO: the rollout batch holds non-finite values (NaN or inf in observations, rewards, values or "
-                "log-probabilities); this update is skipped and the parameters are left unchanged",
+                f"{type(self).__name__}: the rollout batch holds non-finite values (NaN or inf in observations, rewards, "
+                "values or log-probabilities); this update is skipped and the parameters are left unchanged",
                 RuntimeWarning,
             )
             self.logger.record("train/skipped_update", 1.0)
@@ -601,11 +613,15 @@ class TRPO(OnPolicyAlgorithm):
         advantages = rollout_data.advantages[sub]
         if self.normalize_advantage and advantages.numel() > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        stats = self._policy_step(
-            index_observations(observations, sub), actions[sub], rollout_data.old_log_prob[sub], advantages
-        )
+        with self._policy_batch_context(rollout_data, sub):
+            stats = self._policy_step(
+                index_observations(observations, sub), actions[sub], rollout_data.old_log_prob[sub], advantages
+            )
         if stats.skipped is not None:
-            warnings.warn(f"TRPO: policy step skipped: {stats.skipped}; the policy parameters are unchanged", RuntimeWarning)
+            warnings.warn(
+                f"{type(self).__name__}: policy step skipped: {stats.skipped}; the policy parameters are unchanged",
+                RuntimeWarning,
+            )
 
         value_losses = self._critic_regression(observations, returns)
 
