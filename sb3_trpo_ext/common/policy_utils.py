@@ -9,7 +9,7 @@ Glue between SB3 policies and the numerics of :mod:`sb3_trpo_ext.common.numerics
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch as th
 from stable_baselines3.common.distributions import (
@@ -58,7 +58,10 @@ def distribution_params(distribution: Distribution) -> DistParams:
 
 
 def split_actor_critic_parameters(
-    policy: ActorCriticPolicy, observations: PyTorchObs
+    policy: ActorCriticPolicy,
+    observations: PyTorchObs,
+    distribution_fn: Callable[[], Distribution] | None = None,
+    value_fn: Callable[[], th.Tensor] | None = None,
 ) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
     """
     Split the policy's trainable parameters into actor and critic parameters, by what the outputs depend on.
@@ -72,15 +75,17 @@ def split_actor_critic_parameters(
 
     :param policy: The actor-critic policy
     :param observations: A batch of observations (one sample is enough)
+    :param distribution_fn: The forward pass to the action distribution (default:
+        ``policy.get_distribution(observations)``; recurrent policies pass their own, with hidden states)
+    :param value_fn: The forward pass to the value (default: ``policy.predict_values(observations)``)
     :return: ``(actor_params, critic_params)``, each in the order of ``policy.parameters()``
     """
     params = [p for p in policy.parameters() if p.requires_grad]
     with th.enable_grad():
-        dist_tensors = distribution_params(policy.get_distribution(observations)).tensors
-        values = policy.predict_values(observations)
-        actor_grads = th.autograd.grad(
-            th.stack([t.sum() for t in dist_tensors]).sum(), params, allow_unused=True, retain_graph=False
-        )
+        distribution = distribution_fn() if distribution_fn is not None else policy.get_distribution(observations)
+        dist_tensors = distribution_params(distribution).tensors
+        values = value_fn() if value_fn is not None else policy.predict_values(observations)
+        actor_grads = th.autograd.grad(th.stack([t.sum() for t in dist_tensors]).sum(), params, allow_unused=True)
         critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
     actor = [p for p, g in zip(params, actor_grads) if g is not None]
     actor_ids = {id(p) for p in actor}

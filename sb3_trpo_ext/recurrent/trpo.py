@@ -21,7 +21,12 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_trpo_ext.common.numerics import DistParams
-from sb3_trpo_ext.common.policy_utils import all_finite, distribution_params, index_observations
+from sb3_trpo_ext.common.policy_utils import (
+    all_finite,
+    distribution_params,
+    index_observations,
+    split_actor_critic_parameters,
+)
 from sb3_trpo_ext.recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
 from sb3_trpo_ext.trpo.trpo import TRPO
 
@@ -311,19 +316,13 @@ class RecurrentTRPO(TRPO):
             lstm = self.policy.lstm_actor
             zeros = th.zeros((lstm.num_layers, 1, lstm.hidden_size), device=self.device)
             start = th.zeros(1, device=self.device)
-            params = [p for p in self.policy.parameters() if p.requires_grad]
-            with th.enable_grad():
-                distribution, _ = self.policy.get_distribution(one, (zeros, zeros), start)  # type: ignore[arg-type]
-                dist_tensors = distribution_params(distribution).tensors
-                values = self.policy.predict_values(one, (zeros, zeros), start)  # type: ignore[arg-type]
-                actor_grads = th.autograd.grad(th.stack([t.sum() for t in dist_tensors]).sum(), params, allow_unused=True)
-                critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
-            actor = [p for p, g in zip(params, actor_grads) if g is not None]
-            actor_ids = {id(p) for p in actor}
-            critic = [p for p, g in zip(params, critic_grads) if g is not None and id(p) not in actor_ids]
-            if not actor:
-                raise ValueError("the policy's action distribution does not depend on any trainable parameter")
-            self._actor_params, self._critic_params = actor, critic
+            policy = self.policy
+            self._actor_params, self._critic_params = split_actor_critic_parameters(
+                policy,
+                one,
+                distribution_fn=lambda: policy.get_distribution(one, (zeros, zeros), start)[0],  # type: ignore[arg-type]
+                value_fn=lambda: policy.predict_values(one, (zeros, zeros), start),  # type: ignore[arg-type]
+            )
         return self._actor_params, self._critic_params
 
     def _sequence_batch(self) -> SequenceBatch:
