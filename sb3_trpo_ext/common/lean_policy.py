@@ -82,9 +82,12 @@ def _latents_fn(
     return module_latents
 
 
-def _normal_log_prob(actions: th.Tensor, mean: th.Tensor, two_var: th.Tensor, log_scale: th.Tensor) -> th.Tensor:
-    """``log N(a; mean, std)`` term by term as ``torch.distributions.Normal.log_prob``, summed over action dimensions."""
-    return (-((actions - mean) ** 2) / two_var - log_scale - _HALF_LOG_TWO_PI).sum(dim=1)
+def _normal_log_prob(actions: th.Tensor, mean: th.Tensor, minus_two_var: th.Tensor, log_scale: th.Tensor) -> th.Tensor:
+    """
+    ``log N(a; mean, std)`` term by term as ``torch.distributions.Normal.log_prob``, summed over action dimensions.
+    ``-(d^2) / (2 var)`` is computed as ``d^2 / (-2 var)``: a sign flip is exact, so the result is the same bits.
+    """
+    return ((actions - mean) ** 2 / minus_two_var - log_scale - _HALF_LOG_TWO_PI).sum(dim=1)
 
 
 def make_lean_policy_step(policy: ActorCriticPolicy, action_space: spaces.Space, use_sde: bool) -> PolicyStep | None:
@@ -108,7 +111,7 @@ def make_lean_policy_step(policy: ActorCriticPolicy, action_space: spaces.Space,
     if type(distribution) is DiagGaussianDistribution and not use_sde:
         # std = ones_like(mean) * exp(log_std) in SB3: the same numbers as exp(log_std) broadcast over the batch
         std_row = policy.log_std.exp()
-        two_var_row, log_scale_row = 2 * std_row**2, std_row.log()
+        minus_two_var_row, log_scale_row = -(2 * std_row**2), std_row.log()
 
         def gaussian_step(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
             latent_pi, latent_vf = latents(obs)
@@ -117,7 +120,7 @@ def make_lean_policy_step(policy: ActorCriticPolicy, action_space: spaces.Space,
             # Normal.sample is torch.normal(mean, std), which is standard normal noise scaled by std, then shifted by mean:
             # the same draws and the same two roundings, without torch.normal's slower broadcasting path
             actions = th.randn(mean.shape, dtype=mean.dtype, device=mean.device).mul_(std_row).add_(mean)
-            log_prob = _normal_log_prob(actions, mean, two_var_row.expand_as(mean), log_scale_row.expand_as(mean))
+            log_prob = _normal_log_prob(actions, mean, minus_two_var_row, log_scale_row)  # rows broadcast over the batch
             return actions.reshape(action_shape), values, log_prob
 
         return gaussian_step
@@ -133,7 +136,7 @@ def make_lean_policy_step(policy: ActorCriticPolicy, action_space: spaces.Space,
             # Normal(mean, sqrt(latent^2 @ std^2 + eps)); the action is mean + latent @ exploration matrix
             scale = th.sqrt(th.mm(latent_pi**2, std_sq) + gsde.epsilon)
             actions = mean + gsde.get_noise(latent_pi)
-            log_prob = _normal_log_prob(actions, mean, 2 * scale**2, scale.log())
+            log_prob = _normal_log_prob(actions, mean, -(2 * scale**2), scale.log())
             return actions.reshape(action_shape), values, log_prob
 
         return gsde_step
