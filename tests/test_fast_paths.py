@@ -114,12 +114,12 @@ def test_fast_critic_is_not_used_for_other_architectures() -> None:
 @pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
 def test_cuda_follows_the_same_fast_paths(env_id: str) -> None:
-    from sb3_trpo_ext.common.mlp_fisher import MlpGaussianFisher
+    from sb3_trpo_ext.common.mlp_fisher import MlpFisher
 
     model = TRPO("MlpPolicy", env_id, n_steps=256, batch_size=64, device="cuda", seed=0)
     assert model._lean_policy_step() is not None
     model.learn(512)
     assert isinstance(model._fast_critic, FastMlpCritic)
-    assert isinstance(model._mlp_fisher, MlpGaussianFisher) == (env_id == "Pendulum-v1")
+    assert isinstance(model._mlp_fisher, MlpFisher) == (env_id == "Pendulum-v1")
     assert all(p.is_cuda for p in model.policy.parameters())
     assert model.logger.name_to_value["train/line_search_success"] in (0.0, 1.0)

@@ -1,7 +1,11 @@
 """The Fisher-vector product of the trust-region step against an explicitly formed Fisher matrix."""
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.envs import IdentityEnvBox
 
 from sb3_trpo_ext import TRPO
 from sb3_trpo_ext.common.policy_utils import distribution_params
@@ -61,10 +65,11 @@ def test_fisher_vector_product_matches_explicit_fisher(case: str) -> None:
     [{"net_arch": [8, 8]}, {"net_arch": [8], "activation_fn": th.nn.ReLU}, {"net_arch": []}, {"net_arch": [64, 64]}],
     ids=["tanh", "relu", "linear", "default-size"],
 )
-def test_written_out_mlp_fisher_product_matches_generic_and_explicit_fisher(policy_kwargs: dict) -> None:
-    from sb3_trpo_ext.common.mlp_fisher import MlpGaussianFisher
+@pytest.mark.parametrize("kind", ["box", "discrete"])
+def test_written_out_mlp_fisher_product_matches_generic_and_explicit_fisher(policy_kwargs: dict, kind: str) -> None:
+    from sb3_trpo_ext.common.mlp_fisher import MlpFisher
 
-    env = make_identity_env("box")
+    env = IdentityEnvBox(ep_length=20) if kind == "box" else BoxObsDiscreteActionEnv()
     model = TRPO("MlpPolicy", env, n_steps=16, batch_size=16, policy_kwargs=policy_kwargs, seed=2)
     model.learn(32)  # move away from the initialisation
     observations = th.as_tensor(sample_observations(env.observation_space, 64), dtype=th.float32)
@@ -72,7 +77,7 @@ def test_written_out_mlp_fisher_product_matches_generic_and_explicit_fisher(poli
     new = distribution_params(model.policy.get_distribution(observations))
     generic = model._fisher_vector_product_fn(params, new, new.detach())
     fast = model._fisher_vector_product_fn(params, new, new.detach(), observations)
-    assert isinstance(fast, MlpGaussianFisher)
+    assert isinstance(fast, MlpFisher)
     fisher = explicit_fisher(model, params, observations).double() if policy_kwargs["net_arch"] != [64, 64] else None
     generator = th.Generator().manual_seed(0)
     for _ in range(3):
@@ -85,11 +90,25 @@ def test_written_out_mlp_fisher_product_matches_generic_and_explicit_fisher(poli
 
 
 def test_written_out_mlp_fisher_product_is_not_used_for_other_actors() -> None:
-    from sb3_trpo_ext.common.mlp_fisher import MlpGaussianFisher
+    from sb3_trpo_ext.common.mlp_fisher import MlpFisher
 
-    for kind, use_sde in [("box", True), ("discrete", False)]:
-        env = make_identity_env(kind)
+    for kind, use_sde in [("box", True), ("multidiscrete", False), ("multibinary", False), ("discrete", False)]:
+        env = make_identity_env(kind)  # "discrete" has Discrete observations: one-hot preprocessing, not a flat Box
         model = TRPO("MlpPolicy", env, n_steps=16, batch_size=16, policy_kwargs=TINY, use_sde=use_sde)
         observations = th.as_tensor(sample_observations(env.observation_space, 8), dtype=th.float32)
         params, _ = model._split_parameters(observations)
-        assert MlpGaussianFisher.build(model.policy, env.observation_space, use_sde, params) is None
+        assert MlpFisher.build(model.policy, env.observation_space, use_sde, params) is None
+
+
+class BoxObsDiscreteActionEnv(gym.Env):
+    """Box observations and Discrete actions (CartPole's kind of spaces), tiny and fast."""
+
+    observation_space = spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
+    action_space = spaces.Discrete(3)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple:
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action: object) -> tuple:
+        return self.observation_space.sample(), float(action == 0), False, False, {}

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from sb3_trpo_ext.common.critic import FastMlpCritic
 from sb3_trpo_ext.common.lean_policy import PolicyStep, make_lean_policy_step
-from sb3_trpo_ext.common.mlp_fisher import MlpGaussianFisher
+from sb3_trpo_ext.common.mlp_fisher import MlpFisher
 from sb3_trpo_ext.common.numerics import (
     DistParams,
     assign_flat_parameters,
@@ -389,7 +389,7 @@ class TRPO(OnPolicyAlgorithm):
         self._critic_params: list[th.nn.Parameter] | None = None
         # None: not decided yet; False: the generic autograd path is used
         self._fast_critic: FastMlpCritic | bool | None = None
-        self._mlp_fisher: MlpGaussianFisher | bool | None = None
+        self._mlp_fisher: MlpFisher | bool | None = None
 
     def _split_parameters(self, observations: PyTorchObs) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
         """Actor and critic parameters of the current policy, found once by structure (see the class docstring)."""
@@ -425,15 +425,15 @@ class TRPO(OnPolicyAlgorithm):
         :param params: Actor parameters
         :param new: Distribution parameters attached to the graph at the current (old) parameters
         :param old: The same, detached
-        :param observations: The batch, for the specialised product of a standard MLP Gaussian actor
-            (:class:`MlpGaussianFisher`, used when it applies)
+        :param observations: The batch, for the specialised product of a standard MLP actor
+            (:class:`MlpFisher`, used when it applies)
         :return: The function computing the damped Fisher-vector product of a flat vector
         """
         if self._mlp_fisher is None:
-            built = MlpGaussianFisher.build(self.policy, self.observation_space, self.use_sde, params)
+            built = MlpFisher.build(self.policy, self.observation_space, self.use_sde, params)
             self._mlp_fisher = built if built is not None else False
-        if isinstance(self._mlp_fisher, MlpGaussianFisher) and isinstance(observations, th.Tensor):
-            # The same product written out for the standard MLP Gaussian actor (tested against the generic one)
+        if isinstance(self._mlp_fisher, MlpFisher) and isinstance(observations, th.Tensor):
+            # The same product written out for the standard MLP actor (tested against the generic one)
             self._mlp_fisher.prepare(observations, self.cg_damping)
             return self._mlp_fisher
         n_samples = new.tensors[0].shape[0]
