@@ -123,3 +123,28 @@ def test_cuda_follows_the_same_fast_paths(env_id: str) -> None:
     assert isinstance(model._mlp_fisher, MlpFisher) == (env_id == "Pendulum-v1")
     assert all(p.is_cuda for p in model.policy.parameters())
     assert model.logger.name_to_value["train/line_search_success"] in (0.0, 1.0)
+
+
+def test_lean_paths_respect_image_normalisation_with_mlp_policy() -> None:
+    from stable_baselines3.common.envs import FakeImageEnv
+
+    from sb3_trpo_ext.common.mlp_fisher import MlpFisher
+
+    def rollout(generic: bool) -> TRPO:
+        env = FakeImageEnv(screen_height=8, screen_width=8, n_channels=1, discrete=True)
+        env.observation_space.seed(0)  # the fake images come from the space's own random generator
+        model = TRPO("MlpPolicy", env, n_steps=40, batch_size=40, policy_kwargs={"net_arch": [8]}, seed=3)
+        if generic:
+            model._lean_policy_step = lambda: None  # type: ignore[method-assign]
+        model.learn(40)  # one rollout (observations in [0, 255], divided by 255 by SB3's preprocessing) and one update
+        return model
+
+    lean, generic = rollout(False), rollout(True)
+    for field in FIELDS:
+        np.testing.assert_array_equal(
+            getattr(lean.rollout_buffer, field), getattr(generic.rollout_buffer, field), err_msg=field
+        )
+    for name, value in lean.policy.state_dict().items():
+        assert th.equal(value, generic.policy.state_dict()[name]), name
+    assert lean._mlp_fisher is False  # the written-out product assumes float-cast observations only
+    assert MlpFisher.build(lean.policy, lean.observation_space, False, lean._split_parameters(th.zeros(1, 8, 8, 1))[0]) is None

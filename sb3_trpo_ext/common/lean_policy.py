@@ -22,6 +22,7 @@ from stable_baselines3.common.distributions import (
     StateDependentNoiseDistribution,
 )
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
+from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.torch_layers import FlattenExtractor, MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
@@ -29,6 +30,11 @@ from torch.nn import functional as F
 
 PolicyStep = Callable[[PyTorchObs], tuple[th.Tensor, th.Tensor, th.Tensor]]
 _HALF_LOG_TWO_PI = math.log(math.sqrt(2 * math.pi))  # the constant of torch.distributions.Normal.log_prob
+
+
+def is_plain_box(observation_space: spaces.Space, normalize_images: bool) -> bool:
+    """True for Box observations that SB3's preprocessing only casts to float (images are also divided by 255)."""
+    return isinstance(observation_space, spaces.Box) and not (normalize_images and is_image_space(observation_space))
 
 
 def plain_mlp(net: nn.Module) -> list[nn.Module] | None:
@@ -60,7 +66,7 @@ def _latents_fn(
     flat_box = (
         type(policy.features_extractor) is FlattenExtractor
         and (policy.share_features_extractor or type(policy.vf_features_extractor) is FlattenExtractor)
-        and isinstance(observation_space, spaces.Box)
+        and is_plain_box(observation_space, policy.normalize_images)
     )
     if flat_box and actor_net is not None and critic_net is not None:
         actor_layers, critic_layers = actor_net, critic_net

@@ -22,7 +22,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import FlattenExtractor, MlpExtractor
 from torch import nn
 
-from sb3_trpo_ext.common.lean_policy import plain_mlp
+from sb3_trpo_ext.common.lean_policy import is_plain_box, plain_mlp
 
 
 class MlpFisher:
@@ -69,7 +69,9 @@ class MlpFisher:
         gaussian = type(policy.action_dist) is DiagGaussianDistribution and not use_sde and not policy.squash_output
         if not gaussian and type(policy.action_dist) is not CategoricalDistribution:
             return None
-        if type(policy.pi_features_extractor) is not FlattenExtractor or not isinstance(observation_space, spaces.Box):
+        if type(policy.pi_features_extractor) is not FlattenExtractor or not is_plain_box(
+            observation_space, policy.normalize_images
+        ):
             return None
         if type(policy.mlp_extractor) is not MlpExtractor or not isinstance(policy.action_net, nn.Linear):
             return None
