@@ -423,6 +423,24 @@ def speed_table(speed: dict[str, dict[str, Any]], run_name: str | None, figures_
             f"| {ext['us_per_step']:.0f} / {contrib['us_per_step']:.0f} "
             f"| {ext['train_s_per_update']:.3f} / {contrib['train_s_per_update']:.3f} |"
         )
+    breakdown = {env_id: entry for env_id, entry in summary.items() if all("env_us" in entry[impl] for impl in IMPLS)}
+    if breakdown:
+        lines += [
+            "",
+            "Where the time of one environment step goes (medians, µs): inside the training `VecEnv.step` (the "
+            "environments, `Monitor`, `VecNormalize`: the same code for both), inside `train()`, and the rest "
+            "(policy forward pass, rollout buffer, callbacks, GAE). The ceiling is the learn() speed-up "
+            "sb3_trpo_ext would reach if its rest cost nothing: sb3_contrib's total / (sb3_trpo_ext's env step "
+            "+ train()).",
+            "",
+            "| environment | env step (ext / contrib) | train() (ext / contrib) | rest (ext / contrib) | ceiling |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for env_id, entry in breakdown.items():
+            ext, contrib = entry["sb3_trpo_ext"], entry["sb3_contrib"]
+            cells = [f"{ext[key]:.0f} / {contrib[key]:.0f}" for key in ("env_us", "train_us", "other_us")]
+            ceiling = contrib["us_per_step"] / (ext["env_us"] + ext["train_us"])
+            lines.append(f"| {env_id} | {cells[0]} | {cells[1]} | {cells[2]} | {ceiling:.2f}x |")
     floor = floor_summary(learn["rows"], speed["floor"]["rows"]) if "floor" in speed else None
     if floor is None:
         lines += ["", "Floor ratio: missing."]
@@ -484,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
 
     written = returns_figures(results, tuple(args.envs), args.figures) + speed_figures(speed, args.figures)
     readme = args.readme.read_text()
-    readme = replace_between_markers(readme, SPEED_MARKERS, speed_table(speed, run_dir and run_dir.name, figures_link))
+    readme = replace_between_markers(readme, SPEED_MARKERS, speed_table(speed, run_dir.name if run_dir else None, figures_link))
     readme = replace_between_markers(
         readme, RETURNS_MARKERS, returns_table(results, tuple(args.envs), args.n_seeds, figures_link)
     )

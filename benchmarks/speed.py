@@ -130,6 +130,26 @@ class TrainTimer:
         self.times.append(time.perf_counter() - start)
 
 
+class StepTimer:
+    """
+    Wraps ``step`` of the training ``VecEnv`` instance (its outermost wrapper, ``VecNormalize`` where the zoo uses
+    it) and adds up the time spent in it: the part of a rollout that the algorithm cannot change.
+
+    :param env: the model's training environment.
+    """
+
+    def __init__(self, env: VecEnv) -> None:
+        self.total = 0.0
+        self._step = env.step
+        env.step = self  # type: ignore[method-assign]
+
+    def __call__(self, actions: np.ndarray) -> Any:
+        start = time.perf_counter()
+        result = self._step(actions)
+        self.total += time.perf_counter() - start
+        return result
+
+
 def build(
     impl: str,
     config: ZooConfig,
@@ -185,6 +205,7 @@ def measure_learn(envs: tuple[str, ...], settings: Settings) -> list[dict[str, A
         for pair in range(-1, settings.pairs):
             for impl in IMPLS:
                 model, timer = build(impl, config, seed=max(pair, 0), settings=settings)
+                step_timer = StepTimer(model.get_env())  # type: ignore[arg-type]
                 learn_s = timed_learn(model, timesteps)
                 rows.append(
                     {
@@ -195,6 +216,7 @@ def measure_learn(envs: tuple[str, ...], settings: Settings) -> list[dict[str, A
                         "timesteps": int(model.num_timesteps),
                         "learn_s": learn_s,
                         "train_s": sum(timer.times),
+                        "env_step_s": step_timer.total,
                         "n_updates": len(timer.times),
                     }
                 )
@@ -300,7 +322,9 @@ def learn_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
     :param rows: rows of the ``learn`` section.
     :return: per environment: ``learn_ratio`` and ``train_ratio`` as ``(min, median, max)``, ``pairs``, and per
-        implementation the median ``us_per_step`` and ``train_s_per_update``.
+        implementation the median ``us_per_step`` and ``train_s_per_update``, and where the time of an environment
+        step goes (medians, µs): ``env_us`` (in the training ``VecEnv.step``), ``train_us`` (in ``train()``) and
+        ``other_us`` (the rest: the policy's forward pass, the buffer, callbacks, GAE), when recorded.
     """
     summary: dict[str, dict[str, Any]] = {}
     for env_id in dict.fromkeys(row["env_id"] for row in rows):
@@ -325,6 +349,18 @@ def learn_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                     pair[impl]["train_s"] / max(pair[impl]["n_updates"], 1) for pair in pairs
                 ),
             }
+            if all("env_step_s" in pair[impl] for pair in pairs):
+                per_step = [
+                    {
+                        "env_us": 1e6 * pair[impl]["env_step_s"] / pair[impl]["timesteps"],
+                        "train_us": 1e6 * pair[impl]["train_s"] / pair[impl]["timesteps"],
+                        "other_us": 1e6
+                        * (pair[impl]["learn_s"] - pair[impl]["env_step_s"] - pair[impl]["train_s"])
+                        / pair[impl]["timesteps"],
+                    }
+                    for pair in pairs
+                ]
+                entry[impl].update({key: statistics.median(part[key] for part in per_step) for key in per_step[0]})
         summary[env_id] = entry
     return summary
 
