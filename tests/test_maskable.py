@@ -388,3 +388,25 @@ def test_cnn_policy_with_random_masks(share_features_extractor: bool) -> None:
     model = MaskableTRPO("CnnPolicy", env, n_steps=16, batch_size=16, policy_kwargs=policy_kwargs)
     model.learn(32)
     assert model.logger.name_to_value["train/line_search_success"] == 1.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("with_masks", [True, False])
+def test_lean_rollout_step_equals_the_policy_forward(kind: str, with_masks: bool) -> None:
+    """The rollout's module-free step draws the same actions, values and log-probabilities, bit for bit, as
+    ``policy(obs, action_masks=...)`` from the same random state."""
+    env = make_vec_env(lambda: make_masked_env(kind), n_envs=3, seed=0)
+    model = MaskableTRPO("MlpPolicy", env, n_steps=64, batch_size=64, target_kl=0.1, seed=0)
+    model.learn(128)  # the weights have moved away from their initialisation
+    step = model._lean_masked_step()
+    obs = model.policy.obs_to_tensor(env.reset())[0]
+    masks = np.asarray(get_action_masks(env)) if with_masks else None
+    for draw in range(5):
+        with th.no_grad():
+            th.manual_seed(draw)
+            expected = model.policy(obs, action_masks=masks)
+            th.manual_seed(draw)
+            got = step(obs, masks)
+        for name, a, b in zip(("actions", "values", "log_probs"), got, expected):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert th.equal(a, b), name

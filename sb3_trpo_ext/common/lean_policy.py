@@ -56,7 +56,7 @@ def run_plain_mlp(layers: list[nn.Module], x: th.Tensor) -> th.Tensor:
     return x
 
 
-def _latents_fn(
+def latents_fn(
     policy: ActorCriticPolicy, observation_space: spaces.Space
 ) -> Callable[[PyTorchObs], tuple[th.Tensor, th.Tensor]]:
     """``obs -> (latent_pi, latent_vf)`` as ``ActorCriticPolicy.forward`` computes them."""
@@ -110,7 +110,7 @@ def make_lean_policy_step(policy: ActorCriticPolicy, action_space: spaces.Space,
     value_head, action_head = policy.value_net, policy.action_net
     if not isinstance(value_head, nn.Linear) or not isinstance(action_head, nn.Linear) or policy.squash_output:
         return None
-    latents = _latents_fn(policy, policy.observation_space)
+    latents = latents_fn(policy, policy.observation_space)
     distribution = policy.action_dist
     action_shape = (-1, *action_space.shape)  # type: ignore[misc]
 

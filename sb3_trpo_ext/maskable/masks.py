@@ -58,6 +58,8 @@ def check_action_masks(masks: np.ndarray | th.Tensor | Sequence[bool], action_sp
             f"Action masks of shape {np.asarray(masks).shape} do not fit the action space {action_space}: "
             f"expected {sum(sizes)} entries per environment"
         )
+    if len(sizes) == 1 and array.any(axis=1).all():  # the common case, checked in one pass
+        return array
     offsets = np.cumsum([0, *sizes])
     for component, (start, end) in enumerate(pairwise(offsets)):
         empty = np.flatnonzero(~array[:, start:end].any(axis=1))

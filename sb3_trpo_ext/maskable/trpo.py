@@ -18,7 +18,10 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
+from torch import nn
+from torch.nn import functional as F
 
+from sb3_trpo_ext.common.lean_policy import latents_fn
 from sb3_trpo_ext.common.numerics import DistParams
 from sb3_trpo_ext.common.policy_utils import distribution_params
 from sb3_trpo_ext.maskable.masks import check_action_masks, mask_component_sizes
@@ -186,36 +189,50 @@ class MaskableTRPO(TRPO):
 
     def _lean_masked_step(self) -> Callable[[PyTorchObs, np.ndarray | None], tuple[th.Tensor, th.Tensor, th.Tensor]]:
         """
-        ``policy(obs, action_masks=masks)`` during rollouts without building ``MaskableCategorical`` objects (which
-        normalise the logits three times per step): the same modules, the same masked logits (``-1e8`` where invalid),
-        the same ``torch.multinomial`` draw on the softmax as ``Categorical.sample``. Used for sb3-contrib's own maskable
-        policy classes; any other policy class goes through its ``forward``.
+        ``policy(obs, action_masks=masks)`` during rollouts without modules and ``MaskableCategorical`` objects: the same
+        tensor operations in the same order (normalised logits, ``-1e8`` where invalid, normalised again; the same
+        ``torch.multinomial`` draw on the softmax as ``Categorical.sample``), so actions, values and log-probabilities
+        are bit-identical (tested). Used for sb3-contrib's own maskable policy classes; any other policy class goes
+        through its ``forward``.
         """
         policy = self.policy
-        if type(policy) not in (MlpPolicy, CnnPolicy, MultiInputPolicy):
+        value_head, action_head = policy.value_net, policy.action_net
+        if (
+            type(policy) not in (MlpPolicy, CnnPolicy, MultiInputPolicy)
+            or not isinstance(value_head, nn.Linear)
+            or not isinstance(action_head, nn.Linear)
+        ):
             return lambda obs, masks: policy(obs, action_masks=masks)  # type: ignore[misc]
         sizes = mask_component_sizes(self.action_space)
         action_shape = (-1, *self.action_space.shape)  # type: ignore[misc]
 
+        # module-free for plain MLPs on Box observations (sb3-contrib's maskable policies have the same layout)
+        latents = latents_fn(policy, self.observation_space)  # type: ignore[arg-type]
+        invalid_logit = th.tensor(-1e8, dtype=action_head.weight.dtype, device=self.device)
+
+        def normalized(logits: th.Tensor) -> th.Tensor:
+            return logits - logits.logsumexp(dim=-1, keepdim=True)  # as torch's Categorical(logits=...)
+
         def step(obs: PyTorchObs, masks: np.ndarray | None) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-            features = policy.extract_features(obs)  # type: ignore[arg-type]
-            if policy.share_features_extractor:
-                latent_pi, latent_vf = policy.mlp_extractor(features)
-            else:
-                latent_pi = policy.mlp_extractor.forward_actor(features[0])
-                latent_vf = policy.mlp_extractor.forward_critic(features[1])
-            values = policy.value_net(latent_vf)
-            logits = policy.action_net(latent_pi)
-            if masks is not None:
-                valid = th.as_tensor(masks, dtype=th.bool, device=logits.device).reshape(logits.shape)
-                logits = th.where(valid, logits, th.tensor(-1e8, dtype=logits.dtype, device=logits.device))
-            actions, log_prob = [], th.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
-            for component in th.split(logits, sizes, dim=1):
-                log_p = component - component.logsumexp(dim=1, keepdim=True)
-                action = th.multinomial(th.softmax(log_p, dim=1), 1, True)
-                log_prob = log_prob + log_p.gather(1, action).squeeze(1)
+            latent_pi, latent_vf = latents(obs)
+            values = F.linear(latent_vf, value_head.weight, value_head.bias)
+            logits = F.linear(latent_pi, action_head.weight, action_head.bias)
+            valid = None if masks is None else th.as_tensor(masks, dtype=th.bool, device=logits.device).reshape(logits.shape)
+            components = [logits] if len(sizes) == 1 else th.split(logits, sizes, dim=1)
+            valid_parts = [valid] * len(sizes) if valid is None or len(sizes) == 1 else th.split(valid, sizes, dim=1)
+            actions, log_probs = [], []
+            for component, component_valid in zip(components, valid_parts):
+                # MaskableCategorical: normalised logits; where masked, -1e8 replaces them; normalised again
+                component = normalized(component)
+                if component_valid is not None:
+                    component = th.where(component_valid, component, invalid_logit)
+                component = normalized(component)
+                action = th.multinomial(th.softmax(component, dim=-1), 1, True)  # Categorical.sample
                 actions.append(action)
-            return th.cat(actions, dim=1).reshape(action_shape), values, log_prob
+                log_probs.append(component.gather(1, action).squeeze(1))
+            if len(sizes) == 1:
+                return actions[0].reshape(action_shape), values, log_probs[0]
+            return th.cat(actions, dim=1).reshape(action_shape), values, th.stack(log_probs, dim=1).sum(dim=1)
 
         return step
 
