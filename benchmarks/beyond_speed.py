@@ -1,31 +1,45 @@
 """
-Per-step wall time of MaskableTRPO and RecurrentTRPO against this package's TRPO on the same task.
+Per-step wall time of ``MaskableTRPO`` and ``RecurrentTRPO`` against this package's ``TRPO`` on the same task, in
+the same run, CPU, torch on one thread.
 
-* masking: sb3-contrib's ``InvalidActionEnvDiscrete(dim=70, n_invalid_actions=55)``; TRPO runs on it without masks.
-* recurrent: CartPole-v1 without velocities (8 envs); TRPO with an MLP of the same width, and sb3-contrib's
-  RecurrentPPO (same LSTM) for the cost of an LSTM policy elsewhere.
+* ``masking``: sb3-contrib's ``InvalidActionEnvDiscrete(dim=70, n_invalid_actions=55)``; ``TRPO`` runs on it
+  without masks (the environment's own ``action_masks()`` is part of ``MaskableTRPO``'s time).
+* ``recurrent``: CartPole-v1 without velocities, 8 environments; ``TRPO`` with an MLP of the same width, and
+  sb3-contrib's ``RecurrentPPO`` (same LSTM) for the cost of an LSTM policy elsewhere.
 
-Time per environment step = wall time of ``learn(total)`` / ``total`` (rollouts and updates together), after a
-warm-up ``learn``; best of ``--repeats``. One torch thread.
+Time per environment step = wall time of ``learn(steps)`` / ``steps`` (rollouts and updates together), after a
+warm-up ``learn(steps // 4)`` on the same model. The variants of a task are alternated within each pair (one warm-up
+pair, then ``--pairs`` measured ones); the ratio to ``TRPO`` is taken within a pair, then min / median / max.
+Writes ``<out>/<name>/beyond.json``; ``python -m benchmarks.report`` turns it into the README's table.
 
-Usage: ``python benchmarks/beyond_speed.py [--steps 8192] [--repeats 3]``
+Usage::
+
+    python -m benchmarks.beyond_speed                  # about 5 minutes on a 2-core machine
+    python -m benchmarks.beyond_speed --smoke --out /tmp/beyond-smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch as th
-from sb3_contrib import RecurrentPPO
-from sb3_contrib.common.envs import InvalidActionEnvDiscrete
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
 
-from sb3_trpo_ext import TRPO, MaskableTRPO, RecurrentTRPO
+from benchmarks.common import RESULTS_DIR, timestamp, versions, write_json
+
+DEFAULT_OUT = RESULTS_DIR / "beyond"
+#: The variant every other one of a task is compared with.
+BASELINE = "TRPO"
 
 
 class NoVelocityObservation(gym.ObservationWrapper):
@@ -41,70 +55,146 @@ class NoVelocityObservation(gym.ObservationWrapper):
 
 
 def cartpole_no_velocity() -> gym.Env:
+    """CartPole-v1 without the velocities: solving it needs memory."""
     return NoVelocityObservation(gym.make("CartPole-v1"))
 
 
-def per_step_ms(make_model: Callable[[], BaseAlgorithm], steps: int, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        model = make_model()
-        model.learn(steps // 4)  # warm-up: first calls, structure discovery
-        start = time.perf_counter()
-        model.learn(steps, reset_num_timesteps=False)
-        best = min(best, (time.perf_counter() - start) / steps * 1e3)
-    return best
+def tasks() -> dict[str, dict[str, Callable[[], BaseAlgorithm]]]:
+    """
+    :return: per task, the model constructors of its variants (the baseline first).
+    """
+    from sb3_contrib import RecurrentPPO
+    from sb3_contrib.common.envs import InvalidActionEnvDiscrete
 
+    from sb3_trpo_ext import TRPO, MaskableTRPO, RecurrentTRPO
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    th.set_num_threads(1)
-
-    masked_kwargs = {"n_steps": 128, "batch_size": 64, "gamma": 0.4, "target_kl": 0.1, "cg_damping": 0.01, "seed": 0}
-    recurrent_kwargs = {"n_steps": 64, "batch_size": 128, "target_kl": 0.02, "gamma": 0.98, "seed": 0}
+    masked_kwargs: dict[str, Any] = {
+        "n_steps": 128,
+        "batch_size": 64,
+        "gamma": 0.4,
+        "target_kl": 0.1,
+        "cg_damping": 0.01,
+        "seed": 0,
+    }
+    recurrent_kwargs: dict[str, Any] = {"n_steps": 64, "batch_size": 128, "target_kl": 0.02, "gamma": 0.98, "seed": 0}
+    lstm = {"net_arch": [32], "lstm_hidden_size": 32}
 
     def masked_env() -> gym.Env:
         return InvalidActionEnvDiscrete(dim=70, n_invalid_actions=55)
 
-    cases: dict[str, dict[str, Callable[[], BaseAlgorithm]]] = {
-        "masking (InvalidActionEnvDiscrete 70/55)": {
-            "TRPO": lambda: TRPO("MlpPolicy", masked_env(), **masked_kwargs),  # type: ignore[arg-type]
-            "MaskableTRPO": lambda: MaskableTRPO("MlpPolicy", masked_env(), **masked_kwargs),  # type: ignore[arg-type]
+    def memory_env() -> Any:
+        return make_vec_env(cartpole_no_velocity, n_envs=8, seed=0)
+
+    return {
+        "masking: InvalidActionEnvDiscrete(70, 55)": {
+            BASELINE: lambda: TRPO("MlpPolicy", masked_env(), **masked_kwargs),
+            "MaskableTRPO": lambda: MaskableTRPO("MlpPolicy", masked_env(), **masked_kwargs),
         },
-        "recurrent (CartPole no velocity, 8 envs)": {
-            "TRPO": lambda: TRPO(
-                "MlpPolicy",
-                make_vec_env(cartpole_no_velocity, n_envs=8, seed=0),
-                policy_kwargs={"net_arch": [32, 32]},
-                **recurrent_kwargs,  # type: ignore[arg-type]
-            ),
-            "RecurrentTRPO": lambda: RecurrentTRPO(
-                "MlpLstmPolicy",
-                make_vec_env(cartpole_no_velocity, n_envs=8, seed=0),
-                policy_kwargs={"net_arch": [32], "lstm_hidden_size": 32},
-                **recurrent_kwargs,  # type: ignore[arg-type]
-            ),
+        "recurrent: CartPole-v1 without velocities, 8 envs": {
+            BASELINE: lambda: TRPO("MlpPolicy", memory_env(), policy_kwargs={"net_arch": [32, 32]}, **recurrent_kwargs),
+            "RecurrentTRPO": lambda: RecurrentTRPO("MlpLstmPolicy", memory_env(), policy_kwargs=lstm, **recurrent_kwargs),
             "RecurrentPPO (sb3-contrib)": lambda: RecurrentPPO(
-                "MlpLstmPolicy",
-                make_vec_env(cartpole_no_velocity, n_envs=8, seed=0),
-                n_steps=64,
-                batch_size=128,
-                n_epochs=10,
-                seed=0,
-                policy_kwargs={"net_arch": [32], "lstm_hidden_size": 32},
+                "MlpLstmPolicy", memory_env(), n_steps=64, batch_size=128, n_epochs=10, seed=0, policy_kwargs=lstm
             ),
         },
     }
-    for task, models in cases.items():
-        print(f"\n{task}: ms per environment step (best of {args.repeats}, {args.steps} steps)")
-        baseline = None
-        for name, make_model in models.items():
-            ms = per_step_ms(make_model, args.steps, args.repeats)
-            baseline = ms if baseline is None else baseline
-            print(f"  {name:28s} {ms:8.4f}   x{ms / baseline:.2f} vs TRPO")
+
+
+def ms_per_step(make_model: Callable[[], BaseAlgorithm], steps: int) -> float:
+    """
+    :param make_model: builds a fresh model.
+    :param steps: measured environment steps.
+    :return: milliseconds per environment step of ``learn(steps)`` after a warm-up ``learn``.
+    """
+    model = make_model()
+    model.learn(max(steps // 4, 1))  # warm-up: first calls, structure discovery
+    start = time.perf_counter()
+    model.learn(steps, reset_num_timesteps=False)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def measure(steps: int, pairs: int) -> list[dict[str, Any]]:
+    """
+    :param steps: measured environment steps per run.
+    :param pairs: measured rounds per task (after one warm-up round).
+    :return: one row per run.
+    """
+    rows = []
+    for task, variants in tasks().items():
+        for pair in range(-1, pairs):
+            for variant, make_model in variants.items():
+                ms = ms_per_step(make_model, steps)
+                rows.append({"task": task, "variant": variant, "pair": pair, "warmup": pair < 0, "steps": steps, "ms": ms})
+                print(f"{task:50s} {variant:28s} pair {pair:2d}: {ms:.4f} ms per env step")
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """
+    :param rows: the rows of :func:`measure`.
+    :return: per task and variant: median ``ms`` per step, and ``ratio`` to the baseline of the same pair as
+        ``(min, median, max)``.
+    """
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for task in dict.fromkeys(row["task"] for row in rows):
+        by_pair: dict[int, dict[str, float]] = {}
+        for row in rows:
+            if row["task"] == task and not row["warmup"]:
+                by_pair.setdefault(row["pair"], {})[row["variant"]] = row["ms"]
+        variants = list(dict.fromkeys(row["variant"] for row in rows if row["task"] == task))
+        result[task] = {}
+        for variant in variants:
+            times = [pair[variant] for pair in by_pair.values() if variant in pair]
+            ratios = [pair[variant] / pair[BASELINE] for pair in by_pair.values() if variant in pair and BASELINE in pair]
+            if times and ratios:
+                result[task][variant] = {
+                    "ms": statistics.median(times),
+                    "ratio": (min(ratios), statistics.median(ratios), max(ratios)),
+                    "pairs": len(ratios),
+                }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Command line entry point.
+
+    :param argv: arguments (``sys.argv[1:]`` when ``None``).
+    :return: the exit status.
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=None, help="measured env steps per run (default 8192, smoke 256)")
+    parser.add_argument("--pairs", type=int, default=None, help="measured rounds per task (default 5, smoke 1)")
+    parser.add_argument("--smoke", action="store_true", help="tiny budgets (needs --out)")
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--name", default=None, help="name of this run's folder (default: UTC time and git commit)")
+    args = parser.parse_args(argv)
+    if args.out is None and args.smoke:
+        parser.error("--smoke writes to a separate results folder: pass --out")
+    steps = args.steps or (256 if args.smoke else 8192)
+    pairs = args.pairs or (1 if args.smoke else 5)
+    th.set_num_threads(1)
+    run_versions = versions()
+    name = args.name or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{run_versions['git_commit']}"
+    rows = measure(steps, pairs)
+    result = summary(rows)
+    write_json(
+        (args.out or DEFAULT_OUT) / name / "beyond.json",
+        {
+            "smoke": args.smoke,
+            "created": timestamp(),
+            "torch_threads": th.get_num_threads(),
+            "load_average": os.getloadavg(),
+            "versions": run_versions,
+            "rows": rows,
+            "summary": result,
+        },
+    )
+    for task, variants in result.items():
+        for variant, entry in variants.items():
+            print(f"{task:50s} {variant:28s} {entry['ms']:.4f} ms, x{entry['ratio'][1]:.2f} vs {BASELINE} (median)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -34,6 +34,7 @@ from benchmarks.speed import SECTIONS, floor_summary, learn_summary
 COLORS = {"sb3_trpo_ext": "tab:blue", "sb3_contrib": "tab:orange"}
 SPEED_MARKERS = ("<!-- BENCHMARK:SPEED:START -->", "<!-- BENCHMARK:SPEED:END -->")
 RETURNS_MARKERS = ("<!-- BENCHMARK:RETURNS:START -->", "<!-- BENCHMARK:RETURNS:END -->")
+BEYOND_MARKERS = ("<!-- BENCHMARK:BEYOND:START -->", "<!-- BENCHMARK:BEYOND:END -->")
 N_BOOTSTRAP = 2000
 
 #: Published TRPO returns, each with its source. MuJoCo entries are for v3 (sb3-contrib, RL Zoo) or v4 (Tianshou).
@@ -458,6 +459,43 @@ def speed_table(speed: dict[str, dict[str, Any]], run_name: str | None, figures_
     return "\n".join(lines) + "\n"
 
 
+def latest_beyond_run(beyond_dir: Path) -> Path | None:
+    """
+    :param beyond_dir: the ``beyond_speed`` results folder (one subfolder per run).
+    :return: the folder of the most recent run, or ``None``.
+    """
+    created = {path.parent: (read_json(path) or {}).get("created", "") for path in beyond_dir.glob("*/beyond.json")}
+    return max(created, key=lambda path: created[path]) if created else None
+
+
+def beyond_table(run_dir: Path | None) -> str:
+    """
+    The README's table of MaskableTRPO and RecurrentTRPO time per step against TRPO.
+
+    :param run_dir: a ``beyond_speed`` run's folder.
+    :return: Markdown.
+    """
+    data = read_json(run_dir / "beyond.json") if run_dir is not None else None
+    if data is None or run_dir is None:
+        return "Results: missing (run `python -m benchmarks.beyond_speed`).\n"
+    v = data["versions"]
+    load = ", ".join(f"{x:.1f}" for x in data["load_average"])
+    lines = [
+        f"Run `{run_dir.name}` ({data['created']}): sb3_trpo_ext {v['sb3_trpo_ext']} (commit {v['git_commit']}), "
+        f"torch {v['torch']} on {data['torch_threads']} thread, CPU, load average at the end: {load}. Time per "
+        "environment step of `learn()` (rollouts and updates), median; ratio to TRPO within each round, "
+        "min / median / max.",
+        "",
+        "| task | algorithm | ms per env step | x TRPO (min / median / max) |",
+        "|---|---|---:|---:|",
+    ]
+    for task, variants in data["summary"].items():
+        for variant, entry in variants.items():
+            ratio = "{:.2f} / {:.2f} / {:.2f}".format(*entry["ratio"])
+            lines.append(f"| {task} | {variant} | {entry['ms']:.3f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # README
 # ---------------------------------------------------------------------------------------------------------------------
@@ -502,7 +540,10 @@ def main(argv: list[str] | None = None) -> int:
 
     written = returns_figures(results, tuple(args.envs), args.figures) + speed_figures(speed, args.figures)
     readme = args.readme.read_text()
-    readme = replace_between_markers(readme, SPEED_MARKERS, speed_table(speed, run_dir.name if run_dir else None, figures_link))
+    speed_md = speed_table(speed, run_dir.name if run_dir else None, figures_link)
+    readme = replace_between_markers(readme, SPEED_MARKERS, speed_md)
+    if BEYOND_MARKERS[0] in readme:
+        readme = replace_between_markers(readme, BEYOND_MARKERS, beyond_table(latest_beyond_run(args.results / "beyond")))
     readme = replace_between_markers(
         readme, RETURNS_MARKERS, returns_table(results, tuple(args.envs), args.n_seeds, figures_link)
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.report import RETURNS_MARKERS, SPEED_MARKERS, iqm, replace_between_markers
+from benchmarks.report import BEYOND_MARKERS, RETURNS_MARKERS, SPEED_MARKERS, iqm, replace_between_markers
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("sb3_trpo_ext", "sb3_contrib")
@@ -62,11 +62,18 @@ def test_smoke_pipeline_writes_results_figures_and_readme_tables(tmp_path: Path)
     learn = json.loads((results / "speed" / "smoke" / "learn.json").read_text())
     assert set(learn["summary"]) == {"HalfCheetah-v5"}
 
+    # MaskableTRPO / RecurrentTRPO against TRPO: one file with every variant of both tasks.
+    run("benchmarks.beyond_speed", "--smoke", "--out", str(results / "beyond"), "--name", "smoke")
+    beyond = json.loads((results / "beyond" / "smoke" / "beyond.json").read_text())
+    variants = {variant for task in beyond["summary"].values() for variant in task}
+    assert {"TRPO", "MaskableTRPO", "RecurrentTRPO"} <= variants and beyond["torch_threads"] == 1
+
     # Report: figures, and tables only between the markers of a copy of the README.
     readme = tmp_path / "README.md"
     outside = "# Title\n\nText others edit.\n\n"
     readme.write_text(
-        f"{outside}{SPEED_MARKERS[0]}\n{SPEED_MARKERS[1]}\n\n{RETURNS_MARKERS[0]}\nstale\n{RETURNS_MARKERS[1]}\nend\n"
+        f"{outside}{SPEED_MARKERS[0]}\n{SPEED_MARKERS[1]}\n\n{BEYOND_MARKERS[0]}\n{BEYOND_MARKERS[1]}\n\n"
+        f"{RETURNS_MARKERS[0]}\nstale\n{RETURNS_MARKERS[1]}\nend\n"
     )
     run("benchmarks.report", "--results", str(results), "--figures", str(figures), "--readme", str(readme))
     text = readme.read_text()
@@ -74,5 +81,6 @@ def test_smoke_pipeline_writes_results_figures_and_readme_tables(tmp_path: Path)
     assert "stale" not in text
     assert "| CartPole-v1 |" in text and "| HalfCheetah-v5 | 1M | missing (0/5 seeds)" in text
     assert "Floor ratio, HalfCheetah-v5" in text
+    assert "| MaskableTRPO |" in text and "| RecurrentTRPO |" in text
     for name in ("returns_CartPole-v1", "returns_Pendulum-v1", "returns_all", "speed_batch", "speed_width", "speed_n_envs"):
         assert (figures / f"{name}.png").stat().st_size > 0

@@ -11,6 +11,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trpo_ext import TRPO
 from sb3_trpo_ext.common.critic import FastMlpCritic
+from sb3_trpo_ext.common.lean_policy import make_lean_policy_step
 from tests.test_invariants import ConfusinglyNamedPolicy
 
 FIELDS = ["observations", "actions", "log_probs", "values", "rewards", "episode_starts", "advantages", "returns"]
@@ -26,7 +27,9 @@ class KeysRecorder(BaseCallback):
         return True
 
 
-def collect(env_id: str, generic: bool, normalize: bool, use_sde: bool = False) -> tuple[TRPO, set[str]]:
+def collect(
+    env_id: str, generic: bool, normalize: bool, use_sde: bool = False, numpy_elementwise: bool = True
+) -> tuple[TRPO, set[str]]:
     # Short time limit: many truncations, so the bootstrapped rewards are compared too
     env = make_vec_env(
         env_id, n_envs=2, seed=7, wrapper_class=gym.wrappers.TimeLimit, wrapper_kwargs={"max_episode_steps": 30}
@@ -36,6 +39,10 @@ def collect(env_id: str, generic: bool, normalize: bool, use_sde: bool = False) 
     model = TRPO("MlpPolicy", env, n_steps=100, batch_size=100, seed=7, use_sde=use_sde, sde_sample_freq=4)
     if generic:
         model._lean_policy_step = lambda: None  # type: ignore[method-assign]
+    elif not numpy_elementwise:  # the all-torch variant used on other devices than the CPU
+        model._lean_policy_step = lambda: make_lean_policy_step(  # type: ignore[method-assign]
+            model.policy, model.action_space, model.use_sde, numpy_elementwise=False
+        )
     recorder = KeysRecorder()
     _, callback = model._setup_learn(200, callback=recorder)
     callback = CallbackList([recorder]) if callback is None else callback
@@ -44,10 +51,22 @@ def collect(env_id: str, generic: bool, normalize: bool, use_sde: bool = False) 
     return model, recorder.keys
 
 
+@pytest.mark.parametrize("numpy_elementwise", [True, False])
 @pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("env_id,use_sde", [("Pendulum-v1", False), ("Pendulum-v1", True), ("CartPole-v1", False)])
-def test_lean_rollout_fills_the_buffer_identically_to_sb3(env_id: str, use_sde: bool, normalize: bool) -> None:
-    lean, lean_keys = collect(env_id, generic=False, normalize=normalize, use_sde=use_sde)
+@pytest.mark.parametrize(
+    "env_id,use_sde",
+    [
+        ("Pendulum-v1", False),
+        ("Pendulum-v1", True),
+        ("CartPole-v1", False),
+        ("HalfCheetah-v5", False),  # six action dimensions: the sum over them in SB3's order
+        ("HalfCheetah-v5", True),
+    ],
+)
+def test_lean_rollout_fills_the_buffer_identically_to_sb3(
+    env_id: str, use_sde: bool, normalize: bool, numpy_elementwise: bool
+) -> None:
+    lean, lean_keys = collect(env_id, generic=False, normalize=normalize, use_sde=use_sde, numpy_elementwise=numpy_elementwise)
     generic, generic_keys = collect(env_id, generic=True, normalize=normalize, use_sde=use_sde)
     assert lean._lean_policy_step() is not None
     for field in FIELDS:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import (
     CategoricalDistribution,
     DiagGaussianDistribution,
@@ -26,10 +28,12 @@ from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.torch_layers import FlattenExtractor, MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
+from torch.distributions import Normal
 from torch.nn import functional as F
 
-PolicyStep = Callable[[PyTorchObs], tuple[th.Tensor, th.Tensor, th.Tensor]]
+PolicyStep = Callable[[PyTorchObs], tuple[np.ndarray, th.Tensor, th.Tensor]]
 _HALF_LOG_TWO_PI = math.log(math.sqrt(2 * math.pi))  # the constant of torch.distributions.Normal.log_prob
+_HALF_LOG_TWO_PI_F32 = np.float32(_HALF_LOG_TWO_PI)  # torch subtracts a Python float from float32 as float32
 
 
 def is_plain_box(observation_space: spaces.Space, normalize_images: bool) -> bool:
@@ -44,16 +48,38 @@ def plain_mlp(net: nn.Module) -> list[nn.Module] | None:
     return list(net)
 
 
-def run_plain_mlp(layers: list[nn.Module], x: th.Tensor) -> th.Tensor:
-    """Forward pass through :func:`plain_mlp` layers with the functional ops their modules use."""
+def compile_plain_mlp(layers: list[nn.Module]) -> Callable[[th.Tensor], th.Tensor]:
+    """
+    The forward pass through :func:`plain_mlp` layers with the functional ops their modules use, as one function
+    built once: the layer types are resolved here, not at every call. The activations run in place on the fresh
+    output of the layer before (the same kernel as ``nn.Tanh`` / ``nn.ReLU``).
+    """
+    steps: list[tuple[int, th.Tensor | None, th.Tensor | None]] = []
     for layer in layers:
         if isinstance(layer, nn.Linear):
-            x = F.linear(x, layer.weight, layer.bias)
-        elif isinstance(layer, nn.Tanh):
-            x = th.tanh(x)
+            steps.append((0, layer.weight, layer.bias))
         else:
-            x = th.relu(x)
-    return x
+            steps.append((1 if isinstance(layer, nn.Tanh) else 2, None, None))
+    if len(steps) == 4 and [kind for kind, _, _ in steps] == [0, 1, 0, 1]:  # SB3's default: two tanh layers
+        (_, w1, b1), _, (_, w2, b2), _ = steps
+
+        def two_tanh_layers(x: th.Tensor) -> th.Tensor:
+            return F.linear(F.linear(x, w1, b1).tanh_(), w2, b2).tanh_()  # type: ignore[arg-type]
+
+        return two_tanh_layers
+
+    def generic(x: th.Tensor) -> th.Tensor:
+        first = True  # the input is not ours to modify in place
+        for kind, weight, bias in steps:
+            if kind == 0:
+                x, first = F.linear(x, weight, bias), False  # type: ignore[arg-type]
+            elif kind == 1:
+                x = th.tanh(x) if first else x.tanh_()
+            else:
+                x = th.relu(x) if first else x.relu_()
+        return x
+
+    return generic
 
 
 def latents_fn(
@@ -69,12 +95,12 @@ def latents_fn(
         and is_plain_box(observation_space, policy.normalize_images)
     )
     if flat_box and actor_net is not None and critic_net is not None:
-        actor_layers, critic_layers = actor_net, critic_net
+        actor, critic = compile_plain_mlp(actor_net), compile_plain_mlp(critic_net)
 
         def mlp_latents(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
             # preprocess_obs (float) and FlattenExtractor (flatten), then the two MLPs
             features = th.flatten(obs.float(), 1)  # type: ignore[union-attr]
-            return run_plain_mlp(actor_layers, features), run_plain_mlp(critic_layers, features)
+            return actor(features), critic(features)
 
         return mlp_latents
 
@@ -96,38 +122,70 @@ def _normal_log_prob(actions: th.Tensor, mean: th.Tensor, minus_two_var: th.Tens
     return ((actions - mean) ** 2 / minus_two_var - log_scale - _HALF_LOG_TWO_PI).sum(dim=1)
 
 
-def make_lean_policy_step(policy: ActorCriticPolicy, action_space: spaces.Space, use_sde: bool) -> PolicyStep | None:
+def _normal_log_prob_np(actions: np.ndarray, mean: np.ndarray, minus_two_var: np.ndarray, log_scale: np.ndarray) -> th.Tensor:
+    """
+    :func:`_normal_log_prob` with the element-wise part in NumPy (CPU): subtraction, square, division are correctly
+    rounded IEEE operations in both libraries, so the terms are the same bits; the sum over action dimensions stays
+    torch's reduction, in the same order as SB3's.
+    """
+    terms = actions - mean
+    np.square(terms, out=terms)
+    np.divide(terms, minus_two_var, out=terms)
+    np.subtract(terms, log_scale, out=terms)
+    np.subtract(terms, _HALF_LOG_TWO_PI_F32, out=terms)
+    return th.from_numpy(terms).sum(dim=1)
+
+
+def make_lean_policy_step(
+    policy: ActorCriticPolicy, action_space: spaces.Space, use_sde: bool, numpy_elementwise: bool | None = None
+) -> PolicyStep | None:
     """
     Build the rollout forward pass for the current weights (call it again after the weights change).
 
     :param policy: The policy
     :param action_space: The action space
     :param use_sde: Whether gSDE is used
-    :return: ``obs_tensor -> (actions, values, log_probs)`` bit-identical to ``policy(obs_tensor)``, or ``None``
+    :param numpy_elementwise: Do the element-wise arithmetic after the network (sampling, log-probabilities) in NumPy
+        instead of torch: fewer torch calls per step, the same bits. Default: on CPU only (tensors share memory with
+        arrays there); the torch variant is kept for other devices.
+    :return: ``obs_tensor -> (actions as a NumPy array, values, log_probs)`` bit-identical to ``policy(obs_tensor)``,
+        or ``None``
     """
     if type(policy) not in (ActorCriticPolicy, ActorCriticCnnPolicy, MultiInputActorCriticPolicy):
         return None
     value_head, action_head = policy.value_net, policy.action_net
     if not isinstance(value_head, nn.Linear) or not isinstance(action_head, nn.Linear) or policy.squash_output:
         return None
+    if numpy_elementwise is None:
+        numpy_elementwise = policy.device.type == "cpu"
     latents = latents_fn(policy, policy.observation_space)
     distribution = policy.action_dist
     action_shape = (-1, *action_space.shape)  # type: ignore[misc]
+    v_weight, v_bias, a_weight, a_bias = value_head.weight, value_head.bias, action_head.weight, action_head.bias
 
     if type(distribution) is DiagGaussianDistribution and not use_sde:
         # std = ones_like(mean) * exp(log_std) in SB3: the same numbers as exp(log_std) broadcast over the batch
         std_row = policy.log_std.exp()
         minus_two_var_row, log_scale_row = -(2 * std_row**2), std_row.log()
+        rows = (std_row, minus_two_var_row, log_scale_row)
+        std_np, minus_two_var_np, log_scale_np = (row.detach().cpu().numpy() for row in rows)
 
-        def gaussian_step(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        def gaussian_step(obs: PyTorchObs) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
             latent_pi, latent_vf = latents(obs)
-            values = F.linear(latent_vf, value_head.weight, value_head.bias)
-            mean = F.linear(latent_pi, action_head.weight, action_head.bias)
+            values = F.linear(latent_vf, v_weight, v_bias)
+            mean = F.linear(latent_pi, a_weight, a_bias)
             # Normal.sample is torch.normal(mean, std), which is standard normal noise scaled by std, then shifted by mean:
             # the same draws and the same two roundings, without torch.normal's slower broadcasting path
-            actions = th.randn(mean.shape, dtype=mean.dtype, device=mean.device).mul_(std_row).add_(mean)
+            noise = th.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+            if numpy_elementwise:
+                mean_np, actions_np = mean.numpy(), noise.numpy()
+                np.multiply(actions_np, std_np, out=actions_np)
+                np.add(actions_np, mean_np, out=actions_np)
+                log_prob = _normal_log_prob_np(actions_np, mean_np, minus_two_var_np, log_scale_np)
+                return actions_np.reshape(action_shape), values, log_prob
+            actions = noise.mul_(std_row).add_(mean)
             log_prob = _normal_log_prob(actions, mean, minus_two_var_row, log_scale_row)  # rows broadcast over the batch
-            return actions.reshape(action_shape), values, log_prob
+            return actions.reshape(action_shape).cpu().numpy(), values, log_prob
 
         return gaussian_step
 
@@ -135,30 +193,105 @@ def make_lean_policy_step(policy: ActorCriticPolicy, action_space: spaces.Space,
         gsde = distribution
         std_sq = gsde.get_std(policy.log_std) ** 2
 
-        def gsde_step(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        def gsde_step(obs: PyTorchObs) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
             latent_pi, latent_vf = latents(obs)
-            values = F.linear(latent_vf, value_head.weight, value_head.bias)
-            mean = F.linear(latent_pi, action_head.weight, action_head.bias)
+            values = F.linear(latent_vf, v_weight, v_bias)
+            mean = F.linear(latent_pi, a_weight, a_bias)
             # Normal(mean, sqrt(latent^2 @ std^2 + eps)); the action is mean + latent @ exploration matrix
-            scale = th.sqrt(th.mm(latent_pi**2, std_sq) + gsde.epsilon)
-            actions = mean + gsde.get_noise(latent_pi)
-            log_prob = _normal_log_prob(actions, mean, -(2 * scale**2), scale.log())
-            return actions.reshape(action_shape), values, log_prob
+            scale_t = th.sqrt(th.mm(latent_pi**2, std_sq) + gsde.epsilon)  # torch's sqrt (NumPy's differs in the last bit)
+            noise = gsde.get_noise(latent_pi)
+            if numpy_elementwise:
+                scale, mean_np = scale_t.numpy(), mean.numpy()
+                actions_np = mean_np + noise.numpy()
+                minus_two_var = np.square(scale)
+                np.multiply(minus_two_var, np.float32(-2.0), out=minus_two_var)  # -(2 x) is exactly (-2) x
+                log_prob = _normal_log_prob_np(actions_np, mean_np, minus_two_var, scale_t.log().numpy())
+                return actions_np.reshape(action_shape), values, log_prob
+            actions = mean + noise
+            log_prob = _normal_log_prob(actions, mean, -(2 * scale_t**2), scale_t.log())
+            return actions.reshape(action_shape).cpu().numpy(), values, log_prob
 
         return gsde_step
 
     if type(distribution) is CategoricalDistribution:
 
-        def categorical_step(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        def categorical_step(obs: PyTorchObs) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
             latent_pi, latent_vf = latents(obs)
-            values = F.linear(latent_vf, value_head.weight, value_head.bias)
-            logits = F.linear(latent_pi, action_head.weight, action_head.bias)
+            values = F.linear(latent_vf, v_weight, v_bias)
+            logits = F.linear(latent_pi, a_weight, a_bias)
             # Categorical(logits): normalised logits, probabilities by softmax, one multinomial draw per row
             log_pmf = logits - logits.logsumexp(dim=-1, keepdim=True)
-            actions = th.multinomial(F.softmax(log_pmf, dim=-1), 1, True).T.reshape(-1)
-            log_prob = log_pmf.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-            return actions.reshape(action_shape), values, log_prob
+            drawn = th.multinomial(F.softmax(log_pmf, dim=-1), 1, True)  # one column
+            if numpy_elementwise:
+                drawn_np = drawn.numpy()
+                log_prob = th.from_numpy(log_pmf.numpy()[np.arange(len(drawn_np)), drawn_np[:, 0]])
+                return drawn_np.reshape(action_shape), values, log_prob
+            log_prob = log_pmf.gather(-1, drawn).squeeze(-1)
+            return drawn.reshape(action_shape).cpu().numpy(), values, log_prob
 
         return categorical_step
 
     return None
+
+
+def make_lean_noise_reset(policy: ActorCriticPolicy, n_envs: int) -> Callable[[], None] | None:
+    """
+    ``policy.reset_noise(n_envs)`` for a rollout, when gSDE is used: the exploration matrices are drawn as
+    ``StateDependentNoiseDistribution.sample_weights`` draws them (``Normal(0, std).rsample()``, i.e.
+    ``0 + standard_normal * std``, for the single matrix then for the batch), with the same random numbers, but the
+    standard deviation and the ``Normal`` are built once per rollout: the weights are fixed during a rollout.
+
+    :param policy: The policy
+    :param n_envs: Number of environments (one exploration matrix each)
+    :return: The reset function, or ``None`` where ``policy.reset_noise`` must be used
+    """
+    distribution = policy.action_dist
+    if type(policy) not in (ActorCriticPolicy, ActorCriticCnnPolicy, MultiInputActorCriticPolicy):
+        return None
+    if type(distribution) is not StateDependentNoiseDistribution:
+        return None
+    gsde = distribution
+    std = gsde.get_std(policy.log_std)
+    weights_dist = Normal(th.zeros_like(std), std)
+    loc, scale = weights_dist.loc, weights_dist.scale
+
+    def reset() -> None:
+        gsde.weights_dist = weights_dist
+        gsde.exploration_mat = loc + th.empty(std.shape, dtype=loc.dtype, device=loc.device).normal_() * scale
+        batch_noise = th.empty((n_envs, *std.shape), dtype=loc.dtype, device=loc.device).normal_()
+        gsde.exploration_matrices = loc + batch_noise * scale
+
+    return reset
+
+
+def make_buffer_add(
+    buffer: RolloutBuffer,
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, th.Tensor, th.Tensor], None] | None:
+    """
+    ``RolloutBuffer.add`` without its defensive copies: the same values written to the same arrays (the array
+    assignments copy). Only for SB3's own ``RolloutBuffer`` class; any other buffer keeps its ``add``.
+
+    :param buffer: The rollout buffer
+    :return: ``(obs, actions, rewards, episode_starts, values, log_probs) -> None``, or ``None``
+    """
+    if type(buffer) is not RolloutBuffer:
+        return None
+    discrete_obs = isinstance(buffer.observation_space, spaces.Discrete)
+    obs_shape = (buffer.n_envs, *buffer.obs_shape)
+    action_shape = (buffer.n_envs, buffer.action_dim)
+
+    def add(
+        obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, starts: np.ndarray, values: th.Tensor, log_probs: th.Tensor
+    ) -> None:
+        pos = buffer.pos
+        buffer.observations[pos] = obs.reshape(obs_shape) if discrete_obs else obs
+        buffer.actions[pos] = actions.reshape(action_shape)
+        buffer.rewards[pos] = rewards
+        buffer.episode_starts[pos] = starts
+        buffer.values[pos] = values.detach().cpu().numpy().flatten()
+        buffer.log_probs[pos] = log_probs.detach().cpu().numpy()
+        buffer.pos = pos + 1
+        if buffer.pos == buffer.buffer_size:
+            buffer.full = True
+
+    return add

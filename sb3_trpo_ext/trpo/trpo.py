@@ -22,7 +22,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_trpo_ext.common.critic import FastMlpCritic
-from sb3_trpo_ext.common.lean_policy import PolicyStep, make_lean_policy_step
+from sb3_trpo_ext.common.lean_policy import PolicyStep, make_buffer_add, make_lean_noise_reset, make_lean_policy_step
 from sb3_trpo_ext.common.mlp_fisher import MlpFisher
 from sb3_trpo_ext.common.numerics import (
     DistParams,
@@ -339,20 +339,25 @@ class TRPO(OnPolicyAlgorithm):
         self.policy.set_training_mode(False)
         n_steps = 0
         rollout_buffer.reset()
+        add_to_buffer = make_buffer_add(rollout_buffer) or rollout_buffer.add
+        reset_noise = (make_lean_noise_reset(self.policy, env.num_envs) if self.use_sde else None) or (
+            lambda: self.policy.reset_noise(env.num_envs)
+        )
         if self.use_sde:
-            self.policy.reset_noise(env.num_envs)  # a new exploration matrix for the rollout
+            reset_noise()  # a new exploration matrix for the rollout
         callback.on_rollout_start()
         is_box = isinstance(self.action_space, spaces.Box)
         is_discrete = isinstance(self.action_space, spaces.Discrete)
+        low, high = (self.action_space.low, self.action_space.high) if is_box else (None, None)  # type: ignore[attr-defined]
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
-                self.policy.reset_noise(env.num_envs)  # a new exploration matrix
+                reset_noise()  # a new exploration matrix
             with th.no_grad():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-                action_tensor, values, log_probs = policy_step(obs_tensor)
-            actions = action_tensor.cpu().numpy()
-            # Gaussian actions are unbounded: clip them to the action space for the environment (not in the buffer)
-            clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high) if is_box else actions  # type: ignore[attr-defined]
+                actions, values, log_probs = policy_step(obs_tensor)
+            # Gaussian actions are unbounded: clip them to the action space for the environment (not in the buffer);
+            # np.minimum(np.maximum(.)) is np.clip's result (NaN included) with less overhead
+            clipped_actions = np.minimum(np.maximum(actions, low), high) if is_box else actions  # type: ignore[arg-type]
             new_obs, rewards, dones, infos = env.step(clipped_actions)
             self.num_timesteps += env.num_envs
             callback.update_locals(locals())
@@ -370,7 +375,7 @@ class TRPO(OnPolicyAlgorithm):
                     with th.no_grad():
                         terminal_value = self.policy.predict_values(terminal_obs)[0]  # type: ignore[arg-type]
                     rewards[idx] += self.gamma * terminal_value
-            rollout_buffer.add(self._last_obs, actions, rewards, self._last_episode_starts, values, log_probs)  # type: ignore[arg-type]
+            add_to_buffer(self._last_obs, actions, rewards, self._last_episode_starts, values, log_probs)  # type: ignore[arg-type]
             self._last_obs = new_obs  # type: ignore[assignment]
             self._last_episode_starts = dones
         with th.no_grad():
