@@ -214,6 +214,7 @@ def make_lean_policy_step(
         return gsde_step
 
     if type(distribution) is CategoricalDistribution:
+        row_indices: dict[int, np.ndarray] = {}
 
         def categorical_step(obs: PyTorchObs) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
             latent_pi, latent_vf = latents(obs)
@@ -221,11 +222,22 @@ def make_lean_policy_step(
             logits = F.linear(latent_pi, a_weight, a_bias)
             # Categorical(logits): normalised logits, probabilities by softmax, one multinomial draw per row
             log_pmf = logits - logits.logsumexp(dim=-1, keepdim=True)
-            drawn = th.multinomial(F.softmax(log_pmf, dim=-1), 1, True)  # one column
+            probs = F.softmax(log_pmf, dim=-1)
             if numpy_elementwise:
-                drawn_np = drawn.numpy()
-                log_prob = th.from_numpy(log_pmf.numpy()[np.arange(len(drawn_np)), drawn_np[:, 0]])
+                # torch.multinomial(probs, 1, True) on the CPU draws one Exp(1) variable per probability and takes
+                # argmax(probs / draws) (the exponential form of the Gumbel-max trick): the same draws and division
+                # here, the argmax in NumPy (first maximum, as torch's), without its validity checks' extra kernels
+                draws = th.empty_like(probs).exponential_(1.0).numpy()
+                probs_np = probs.numpy()
+                if not (probs_np >= 0).all():  # NaN (softmax gives no inf, no negative otherwise)
+                    raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+                drawn_np = np.argmax(probs_np / draws, axis=1)
+                rows = row_indices.get(len(drawn_np))
+                if rows is None:
+                    rows = row_indices[len(drawn_np)] = np.arange(len(drawn_np))
+                log_prob = th.from_numpy(log_pmf.numpy()[rows, drawn_np])
                 return drawn_np.reshape(action_shape), values, log_prob
+            drawn = th.multinomial(probs, 1, True)  # one column
             log_prob = log_pmf.gather(-1, drawn).squeeze(-1)
             return drawn.reshape(action_shape).cpu().numpy(), values, log_prob
 
