@@ -98,8 +98,10 @@ def latents_fn(
         actor, critic = compile_plain_mlp(actor_net), compile_plain_mlp(critic_net)
 
         def mlp_latents(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
-            # preprocess_obs (float) and FlattenExtractor (flatten), then the two MLPs
-            features = th.flatten(obs.float(), 1)  # type: ignore[union-attr]
+            # preprocess_obs (float) and FlattenExtractor (flatten), then the two MLPs; both are no-ops on a batch
+            # of flat float32 observations
+            assert isinstance(obs, th.Tensor)  # a Box observation space
+            features = obs if obs.dtype == th.float32 and obs.dim() == 2 else th.flatten(obs.float(), 1)
             return actor(features), critic(features)
 
         return mlp_latents
@@ -199,7 +201,11 @@ def make_lean_policy_step(
             mean = F.linear(latent_pi, a_weight, a_bias)
             # Normal(mean, sqrt(latent^2 @ std^2 + eps)); the action is mean + latent @ exploration matrix
             scale_t = th.sqrt(th.mm(latent_pi**2, std_sq) + gsde.epsilon)  # torch's sqrt (NumPy's differs in the last bit)
-            noise = gsde.get_noise(latent_pi)
+            matrices = gsde.exploration_matrices
+            if not gsde.learn_features and 1 < len(latent_pi) == len(matrices):  # get_noise's batched case, inlined
+                noise = th.bmm(latent_pi.unsqueeze(1), matrices).squeeze(1)
+            else:
+                noise = gsde.get_noise(latent_pi)
             if numpy_elementwise:
                 scale, mean_np = scale_t.numpy(), mean.numpy()
                 actions_np = mean_np + noise.numpy()
