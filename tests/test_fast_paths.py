@@ -77,6 +77,34 @@ def test_lean_rollout_fills_the_buffer_identically_to_sb3(
     assert lean.rollout_buffer.episode_starts.sum() > 2
 
 
+@pytest.mark.parametrize("use_sde,log_std", [(False, -60.0), (True, 60.0)])
+def test_numpy_step_is_silent_on_overflow_and_gives_torchs_bits(use_sde: bool, log_std: float) -> None:
+    """An extreme standard deviation (vanishing; for gSDE, overflowing) makes the log-probability non-finite: torch
+    returns inf/NaN silently, so must the NumPy variant, even when the user has made NumPy raise on floating-point
+    errors; the bits are still torch's."""
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=64, use_sde=use_sde, seed=0)
+    with th.no_grad():
+        model.policy.log_std.fill_(log_std)
+    if use_sde:
+        model.policy.reset_noise(1)
+    obs = model.policy.obs_to_tensor(model.env.reset())[0]  # type: ignore[union-attr]
+    step = make_lean_policy_step(model.policy, model.action_space, use_sde)
+    assert step is not None
+    old = np.seterr(all="raise")
+    try:
+        with th.no_grad():
+            th.manual_seed(0)
+            actions, values, log_probs = step(obs)
+            th.manual_seed(0)
+            expected = model.policy(obs)
+    finally:
+        np.seterr(**old)
+    assert not np.isfinite(log_probs.numpy()).all()
+    np.testing.assert_array_equal(actions, expected[0].numpy())
+    np.testing.assert_array_equal(values.numpy(), expected[1].numpy())
+    np.testing.assert_array_equal(log_probs.numpy(), expected[2].numpy())
+
+
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
 def test_lean_rollout_falls_back_to_sb3_where_it_does_not_apply(env_id: str) -> None:
     from stable_baselines3.common.envs import IdentityEnvMultiDiscrete

@@ -153,13 +153,29 @@ def make_lean_policy_step(
     :return: ``obs_tensor -> (actions as a NumPy array, values, log_probs)`` bit-identical to ``policy(obs_tensor)``,
         or ``None``
     """
+    if numpy_elementwise is None:
+        numpy_elementwise = policy.device.type == "cpu"
+    step = _make_step(policy, action_space, use_sde, numpy_elementwise)
+    if step is None or not numpy_elementwise:
+        return step
+    inner = step
+
+    def quiet_step(obs: PyTorchObs) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
+        with np.errstate(all="ignore"):  # overflow and NaN propagate silently, as in torch
+            return inner(obs)
+
+    return quiet_step
+
+
+def _make_step(
+    policy: ActorCriticPolicy, action_space: spaces.Space, use_sde: bool, numpy_elementwise: bool
+) -> PolicyStep | None:
+    """:func:`make_lean_policy_step` without its floating-point error guard."""
     if type(policy) not in (ActorCriticPolicy, ActorCriticCnnPolicy, MultiInputActorCriticPolicy):
         return None
     value_head, action_head = policy.value_net, policy.action_net
     if not isinstance(value_head, nn.Linear) or not isinstance(action_head, nn.Linear) or policy.squash_output:
         return None
-    if numpy_elementwise is None:
-        numpy_elementwise = policy.device.type == "cpu"
     latents = latents_fn(policy, policy.observation_space)
     distribution = policy.action_dist
     action_shape = (-1, *action_space.shape)  # type: ignore[misc]
