@@ -407,6 +407,29 @@ def test_lean_rollout_step_equals_the_policy_forward(kind: str, with_masks: bool
             expected = model.policy(obs, action_masks=masks)
             th.manual_seed(draw)
             got = step(obs, masks)
-        for name, a, b in zip(("actions", "values", "log_probs"), got, expected):
+        assert isinstance(got[0], np.ndarray) and got[0].dtype == expected[0].numpy().dtype
+        np.testing.assert_array_equal(got[0], expected[0].numpy())
+        for name, a, b in zip(("values", "log_probs"), got[1:], expected[1:]):
             assert a.dtype == b.dtype and a.shape == b.shape, name
             assert th.equal(a, b), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lean_rollout_fills_the_buffer_identically_to_the_policy_forward(kind: str) -> None:
+    """Whole rollouts (several envs, episode ends, the buffer's direct writes): every buffer field, the masks
+    included, equals what ``policy(obs, action_masks=...)`` and ``MaskableRolloutBuffer.add`` store."""
+
+    def rollout(generic: bool) -> MaskableTRPO:
+        env = make_vec_env(lambda: make_masked_env(kind), n_envs=3, seed=3)
+        model = MaskableTRPO("MlpPolicy", env, n_steps=40, batch_size=40, target_kl=0.1, seed=3)
+        if generic:
+            model._lean_masked_step = model._generic_masked_step  # type: ignore[method-assign]
+        model.learn(120)  # three rollouts and two updates: the weights have moved
+        return model
+
+    lean, generic = rollout(False), rollout(True)
+    for field in ["observations", "actions", "log_probs", "values", "rewards", "episode_starts", "advantages", "returns"]:
+        np.testing.assert_array_equal(getattr(lean.rollout_buffer, field), getattr(generic.rollout_buffer, field), field)
+    np.testing.assert_array_equal(lean.rollout_buffer.action_masks, generic.rollout_buffer.action_masks)
+    assert lean.rollout_buffer.action_masks.min() == 0.0  # some actions were masked
+    assert lean.rollout_buffer.episode_starts.sum() > 0

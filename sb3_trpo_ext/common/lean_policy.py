@@ -299,16 +299,18 @@ def make_lean_noise_reset(policy: ActorCriticPolicy, n_envs: int) -> Callable[[]
 
 
 def make_buffer_add(
-    buffer: RolloutBuffer,
+    buffer: RolloutBuffer, classes: tuple[type[RolloutBuffer], ...] = (RolloutBuffer,)
 ) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, th.Tensor, th.Tensor], None] | None:
     """
     ``RolloutBuffer.add`` without its defensive copies: the same values written to the same arrays (the array
-    assignments copy). Only for SB3's own ``RolloutBuffer`` class; any other buffer keeps its ``add``.
+    assignments copy). Only for SB3's own ``RolloutBuffer`` class (or the given subclasses whose ``add`` adds nothing
+    else to ``RolloutBuffer.add`` that the caller does not do itself); any other buffer keeps its ``add``.
 
     :param buffer: The rollout buffer
+    :param classes: The buffer classes this applies to (exact types)
     :return: ``(obs, actions, rewards, episode_starts, values, log_probs) -> None``, or ``None``
     """
-    if type(buffer) is not RolloutBuffer:
+    if type(buffer) not in classes:
         return None
     discrete_obs = isinstance(buffer.observation_space, spaces.Discrete)
     obs_shape = (buffer.n_envs, *buffer.obs_shape)

@@ -50,7 +50,7 @@ def check_action_masks(masks: np.ndarray | th.Tensor | Sequence[bool], action_sp
     """
     sizes = mask_component_sizes(action_space)
     array = masks.detach().cpu().numpy() if isinstance(masks, th.Tensor) else np.asarray(masks)
-    array = array.astype(bool)
+    array = array if array.dtype == np.bool_ else array.astype(bool)
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2 or array.shape[1] != sum(sizes):

@@ -21,7 +21,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from torch.nn import functional as F
 
-from sb3_trpo_ext.common.lean_policy import latents_fn
+from sb3_trpo_ext.common.lean_policy import latents_fn, make_buffer_add
 from sb3_trpo_ext.common.numerics import DistParams
 from sb3_trpo_ext.common.policy_utils import distribution_params
 from sb3_trpo_ext.maskable.masks import check_action_masks, mask_component_sizes
@@ -187,7 +187,7 @@ class MaskableTRPO(TRPO):
         """The masks of every environment for its current state, checked (an empty mask raises)."""
         return check_action_masks(get_action_masks(env), self.action_space)
 
-    def _lean_masked_step(self) -> Callable[[PyTorchObs, np.ndarray | None], tuple[th.Tensor, th.Tensor, th.Tensor]]:
+    def _lean_masked_step(self) -> Callable[[PyTorchObs, np.ndarray | None], tuple[np.ndarray, th.Tensor, th.Tensor]]:
         """
         ``policy(obs, action_masks=masks)`` during rollouts without modules and ``MaskableCategorical`` objects: the same
         tensor operations in the same order (normalised logits, ``-1e8`` where invalid, normalised again; the same
@@ -202,22 +202,47 @@ class MaskableTRPO(TRPO):
             or not isinstance(value_head, nn.Linear)
             or not isinstance(action_head, nn.Linear)
         ):
-            return lambda obs, masks: policy(obs, action_masks=masks)  # type: ignore[misc]
+            return self._generic_masked_step()
         sizes = mask_component_sizes(self.action_space)
         action_shape = (-1, *self.action_space.shape)  # type: ignore[misc]
+        on_cpu = self.device.type == "cpu"
 
         # module-free for plain MLPs on Box observations (sb3-contrib's maskable policies have the same layout)
         latents = latents_fn(policy, self.observation_space)  # type: ignore[arg-type]
         invalid_logit = th.tensor(-1e8, dtype=action_head.weight.dtype, device=self.device)
+        row_indices: dict[int, np.ndarray] = {}
 
         def normalized(logits: th.Tensor) -> th.Tensor:
             return logits - logits.logsumexp(dim=-1, keepdim=True)  # as torch's Categorical(logits=...)
 
-        def step(obs: PyTorchObs, masks: np.ndarray | None) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        def draw(log_pmf: th.Tensor) -> tuple[np.ndarray, th.Tensor]:
+            """Categorical.sample (torch.multinomial(probs, 1, True)) and the log-probability of the draw."""
+            probs = th.softmax(log_pmf, dim=-1)
+            if not on_cpu:
+                action = th.multinomial(probs, 1, True)
+                return action.cpu().numpy(), log_pmf.gather(1, action).squeeze(1)
+            # torch.multinomial's own algorithm on the CPU: one Exp(1) draw per probability, argmax(probs / draws)
+            # (see make_lean_policy_step); masked outcomes have probability 0 and are never drawn
+            draws = th.empty_like(probs).exponential_(1.0).numpy()
+            probs_np = probs.numpy()
+            if not (probs_np >= 0).all():
+                raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+            drawn = np.argmax(probs_np / draws, axis=1)  # draws > 0: no floating-point error is possible
+            rows = row_indices.get(len(drawn))
+            if rows is None:
+                rows = row_indices[len(drawn)] = np.arange(len(drawn))
+            return drawn[:, None], th.from_numpy(log_pmf.numpy()[rows, drawn])
+
+        def step(obs: PyTorchObs, masks: np.ndarray | None) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
             latent_pi, latent_vf = latents(obs)
             values = F.linear(latent_vf, value_head.weight, value_head.bias)
             logits = F.linear(latent_pi, action_head.weight, action_head.bias)
-            valid = None if masks is None else th.as_tensor(masks, dtype=th.bool, device=logits.device).reshape(logits.shape)
+            if masks is None:
+                valid = None
+            elif on_cpu and masks.dtype == np.bool_:  # checked masks: a boolean array already
+                valid = th.from_numpy(masks).reshape(logits.shape)
+            else:
+                valid = th.as_tensor(masks, dtype=th.bool, device=logits.device).reshape(logits.shape)
             components = [logits] if len(sizes) == 1 else th.split(logits, sizes, dim=1)
             valid_parts = [valid] * len(sizes) if valid is None or len(sizes) == 1 else th.split(valid, sizes, dim=1)
             actions, log_probs = [], []
@@ -226,13 +251,22 @@ class MaskableTRPO(TRPO):
                 component = normalized(component)
                 if component_valid is not None:
                     component = th.where(component_valid, component, invalid_logit)
-                component = normalized(component)
-                action = th.multinomial(th.softmax(component, dim=-1), 1, True)  # Categorical.sample
+                action, log_prob = draw(normalized(component))
                 actions.append(action)
-                log_probs.append(component.gather(1, action).squeeze(1))
+                log_probs.append(log_prob)
             if len(sizes) == 1:
                 return actions[0].reshape(action_shape), values, log_probs[0]
-            return th.cat(actions, dim=1).reshape(action_shape), values, th.stack(log_probs, dim=1).sum(dim=1)
+            return np.concatenate(actions, axis=1).reshape(action_shape), values, th.stack(log_probs, dim=1).sum(dim=1)
+
+        return step
+
+    def _generic_masked_step(self) -> Callable[[PyTorchObs, np.ndarray | None], tuple[np.ndarray, th.Tensor, th.Tensor]]:
+        """``policy(obs, action_masks=masks)``, the actions as a NumPy array."""
+        policy = self.policy
+
+        def step(obs: PyTorchObs, masks: np.ndarray | None) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
+            actions, values, log_probs = policy(obs, action_masks=masks)  # type: ignore[arg-type]
+            return actions.cpu().numpy(), values, log_probs
 
         return step
 
@@ -265,6 +299,8 @@ class MaskableTRPO(TRPO):
         n_steps = 0
         action_masks: np.ndarray | None = None
         rollout_buffer.reset()
+        direct_add = make_buffer_add(rollout_buffer, classes=(MaskableRolloutBuffer,))
+        mask_shape = (rollout_buffer.n_envs, getattr(rollout_buffer, "mask_dims", 0))
         callback.on_rollout_start()
 
         while n_steps < n_rollout_steps:
@@ -272,8 +308,7 @@ class MaskableTRPO(TRPO):
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
                 if use_masking:
                     action_masks = self._current_action_masks(env)
-                action_tensor, values, log_probs = policy_step(obs_tensor, action_masks)
-            actions = action_tensor.cpu().numpy()
+                actions, values, log_probs = policy_step(obs_tensor, action_masks)
             new_obs, rewards, dones, infos = env.step(actions)
             self.num_timesteps += env.num_envs
 
@@ -293,15 +328,20 @@ class MaskableTRPO(TRPO):
                         terminal_value = self.policy.predict_values(terminal_obs)[0]
                     rewards[idx] += self.gamma * terminal_value
 
-            rollout_buffer.add(
-                self._last_obs,  # type: ignore[arg-type]
-                actions,
-                rewards,
-                self._last_episode_starts,  # type: ignore[arg-type]
-                values,
-                log_probs,
-                action_masks=action_masks,
-            )
+            if direct_add is None:
+                rollout_buffer.add(
+                    self._last_obs,  # type: ignore[arg-type]
+                    actions,
+                    rewards,
+                    self._last_episode_starts,  # type: ignore[arg-type]
+                    values,
+                    log_probs,
+                    action_masks=action_masks,
+                )
+            else:  # MaskableRolloutBuffer.add: the masks, then RolloutBuffer.add
+                if action_masks is not None:
+                    rollout_buffer.action_masks[rollout_buffer.pos] = action_masks.reshape(mask_shape)
+                direct_add(self._last_obs, actions, rewards, self._last_episode_starts, values, log_probs)  # type: ignore[arg-type]
             self._last_obs = new_obs  # type: ignore[assignment]
             self._last_episode_starts = dones
 
