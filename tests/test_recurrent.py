@@ -117,8 +117,9 @@ def test_accepted_step_satisfies_the_trust_region_on_real_steps(kind: str) -> No
     assert values["train/surrogate_after"] > values["train/surrogate_before"]
 
 
+@pytest.mark.parametrize("forward_mode", [True, False])
 @pytest.mark.parametrize("kind", ["discrete", "box"])
-def test_fisher_vector_product_matches_explicit_fisher_over_sequences(kind: str) -> None:
+def test_fisher_vector_product_matches_explicit_fisher_over_sequences(kind: str, forward_mode: bool) -> None:
     model = only_collected(kind, n_envs=2, policy_kwargs={"net_arch": [3], "lstm_hidden_size": 3})
     data = next(model.rollout_buffer.get(batch_size=None))
     batch = model._prepare_sequences(data)
@@ -135,7 +136,10 @@ def test_fisher_vector_product_matches_explicit_fisher_over_sequences(kind: str)
     model._sequences = batch
     actions = data.actions.float().long().flatten() if kind == "discrete" else data.actions.float()
     _, new = model._surrogate(data.observations, actions, data.old_log_prob[batch.real], th.zeros(batch.real.numel()))
-    fvp = model._fisher_vector_product_fn(params, new, new.detach())
+    # With the observations, J v by forward mode through the LSTM; without, TRPO's double-backward form
+    fvp = model._fisher_vector_product_fn(params, new, new.detach(), data.observations if forward_mode else None)
+    assert model._forward_mode_jvp is (True if forward_mode else None)
+    assert th.backends.mkldnn.enabled  # the native kernels were only borrowed for J v
     generator = th.Generator().manual_seed(0)
     for _ in range(3):
         v = th.randn(fisher.shape[0], generator=generator)
@@ -280,3 +284,21 @@ def test_gsde_and_cnn_lstm_policy() -> None:
     model = RecurrentTRPO("CnnLstmPolicy", image_env, n_steps=16, batch_size=16, policy_kwargs=cnn_kwargs)
     model.learn(32)
     assert model.logger.name_to_value["train/line_search_success"] == 1.0
+
+
+def test_forward_mode_fisher_product_leaves_every_parameter_object_in_place() -> None:
+    """J v replays the LSTM with tangent-carrying copies of the actor's parameters; afterwards every module must hold
+    its original parameter objects again (the optimizer and the saved state refer to them), shared features
+    extractor included."""
+    from stable_baselines3.common.envs import FakeImageEnv
+
+    image_env = FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True)
+    cnn_kwargs = {**TINY_LSTM, "features_extractor_kwargs": {"features_dim": 16}}
+    model = RecurrentTRPO("CnnLstmPolicy", image_env, n_steps=16, batch_size=16, policy_kwargs=cnn_kwargs)
+    before = dict(model.policy.named_parameters(remove_duplicate=False))
+    model.learn(48)
+    assert model._forward_mode_jvp is True
+    after = dict(model.policy.named_parameters(remove_duplicate=False))
+    assert before.keys() == after.keys() and all(before[name] is after[name] for name in before)
+    optimized = {id(p) for group in model.policy.optimizer.param_groups for p in group["params"]}
+    assert optimized <= {id(p) for p in after.values()}

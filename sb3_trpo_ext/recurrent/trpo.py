@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -19,8 +21,9 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
+from torch.autograd import forward_ad
 
-from sb3_trpo_ext.common.numerics import DistParams
+from sb3_trpo_ext.common.numerics import DistParams, fisher_weight_product
 from sb3_trpo_ext.common.policy_utils import (
     all_finite,
     distribution_params,
@@ -72,6 +75,39 @@ def reset_at_sequence_starts(states: tuple[th.Tensor, ...], first_step_starts: t
     """
     keep = (1.0 - first_step_starts).view(1, -1, 1)
     return (states[0] * keep, states[1] * keep)
+
+
+@contextmanager
+def _native_cpu_kernels() -> Iterator[None]:
+    """PyTorch's native CPU kernels instead of oneDNN's (only this flag: ``mkldnn.flags()`` resets others)."""
+    previous = th.backends.mkldnn.enabled
+    th.backends.mkldnn.enabled = False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        th.backends.mkldnn.enabled = previous  # type: ignore[assignment]
+
+
+@contextmanager
+def _parameters_replaced(module: th.nn.Module, values: dict[int, th.Tensor]) -> Iterator[None]:
+    """
+    Run ``module`` with some of its parameters replaced by other tensors (``id(parameter) -> tensor``), then put the
+    very same parameter objects back. Every registration of a parameter is replaced, once per module even where a
+    module is registered under several names (SB3's shared features extractor); ``torch.func.functional_call``
+    does not restore the original objects in that case. LSTMs notice the change of weights themselves.
+    """
+    swapped: list[tuple[th.nn.Module, str, th.nn.Parameter]] = []
+    try:
+        for submodule in module.modules():  # each module once
+            for name, param in submodule._parameters.items():
+                if param is not None and id(param) in values:
+                    swapped.append((submodule, name, param))
+        for submodule, name, param in swapped:
+            submodule._parameters[name] = values[id(param)]  # type: ignore[assignment]
+        yield
+    finally:
+        for submodule, name, param in swapped:
+            submodule._parameters[name] = param
 
 
 class RecurrentTRPO(TRPO):
@@ -219,6 +255,8 @@ class RecurrentTRPO(TRPO):
         )
         # The sequences of the batch under update (set by train() for the policy step and the critic regression)
         self._sequences: SequenceBatch | None = None
+        # Whether J v by forward-mode differentiation works for this policy (None: not tried yet)
+        self._forward_mode_jvp: bool | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # Rollouts
@@ -352,6 +390,61 @@ class RecurrentTRPO(TRPO):
         params = distribution_params(distribution)
         ratio = th.exp(log_prob - old_log_prob)
         return (ratio * advantages).mean(), DistParams(params.kind, tuple(t[batch.policy_rows] for t in params.tensors))
+
+    def _fisher_vector_product_fn(
+        self, params: list[th.nn.Parameter], new: DistParams, old: DistParams, observations: PyTorchObs | None = None
+    ) -> Callable[[th.Tensor], th.Tensor]:
+        """
+        Fisher-vector product ``v -> J^T M J v / N + damping v`` over the real steps of the sequences.
+
+        ``J v`` is a forward-mode derivative: the LSTM replays the sequences once with tangents on the actor
+        parameters (PyTorch's native LSTM kernels, which have forward-mode derivatives; oneDNN's, used elsewhere on
+        the CPU, have none), and ``J^T (M J v)`` is one backward pass through the graph of ``new``. This replaces
+        TRPO's "double backward" form, which differentiates through oneDNN's LSTM backward at every CG iteration
+        and costs about 1.5 times more here. Where forward mode is not available (another device's LSTM kernels, a
+        custom policy), TRPO's form is used.
+
+        :param params: Actor parameters
+        :param new: Distribution parameters of the real steps used by the policy step, attached to the graph
+        :param old: The same, detached
+        :param observations: Padded observations of all sequences
+        :return: The function computing the damped Fisher-vector product of a flat vector
+        """
+        if observations is None or self._forward_mode_jvp is False:
+            return super()._fisher_vector_product_fn(params, new, old, observations)
+        batch = self._sequence_batch()
+        policy = self.policy
+        offsets = np.cumsum([0] + [p.numel() for p in params])
+        n_samples = new.tensors[0].shape[0]
+        damping = self.cg_damping
+
+        def distribution_tensors(*values: th.Tensor) -> tuple[th.Tensor, ...]:
+            with _parameters_replaced(policy, {id(p): value for p, value in zip(params, values)}):
+                distribution, _ = policy.get_distribution(observations, batch.states_pi, batch.episode_starts)  # type: ignore[arg-type]
+            return tuple(t[batch.policy_rows] for t in distribution_params(distribution).tensors)
+
+        def jacobian_vector(vector: th.Tensor) -> tuple[th.Tensor, ...]:
+            tangents = tuple(vector[offsets[i] : offsets[i + 1]].view_as(p) for i, p in enumerate(params))
+            with th.no_grad(), _native_cpu_kernels(), forward_ad.dual_level():
+                duals = [forward_ad.make_dual(p.detach(), t) for p, t in zip(params, tangents)]
+                outputs = distribution_tensors(*duals)
+                return tuple(forward_ad.unpack_dual(out).tangent for out in outputs)
+
+        def fvp(vector: th.Tensor) -> th.Tensor:
+            jv = [th.zeros_like(t) if d is None else d for t, d in zip(new.tensors, jacobian_vector(vector))]
+            m_jv = fisher_weight_product(old, jv)
+            jt_m_jv = th.autograd.grad(new.tensors, params, grad_outputs=m_jv, retain_graph=True, allow_unused=True)
+            flat = th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(jt_m_jv, params)])
+            return flat / n_samples + damping * vector
+
+        if self._forward_mode_jvp is None:  # first use: check that forward mode runs through this policy
+            try:
+                jacobian_vector(th.zeros(int(offsets[-1]), device=new.tensors[0].device))
+                self._forward_mode_jvp = True
+            except (RuntimeError, NotImplementedError):
+                self._forward_mode_jvp = False
+                return super()._fisher_vector_product_fn(params, new, old, observations)
+        return fvp
 
     def _critic_regression(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
         """
@@ -491,4 +584,4 @@ class RecurrentTRPO(TRPO):
         )
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_last_lstm_states", "_sequences"]
+        return [*super()._excluded_save_params(), "_last_lstm_states", "_sequences", "_forward_mode_jvp"]
