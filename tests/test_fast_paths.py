@@ -10,7 +10,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trpo_ext import TRPO
-from sb3_trpo_ext.common.critic import FastMlpCritic
+from sb3_trpo_ext.common.critic import FastMlpCritic, FusedAdam
 from sb3_trpo_ext.common.lean_policy import make_lean_policy_step
 from tests.test_invariants import ConfusinglyNamedPolicy
 
@@ -135,7 +135,7 @@ def test_fast_critic_gradients_equal_autograd() -> None:
         th.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_fast_critic_fit_follows_torch_adam() -> None:
+def test_fast_critic_fit_follows_torch_adam(monkeypatch: pytest.MonkeyPatch) -> None:
     def fit(fast: bool) -> list[th.Tensor]:
         model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=256, batch_size=32, n_critic_updates=3, seed=0)
         th.manual_seed(1)
@@ -146,8 +146,37 @@ def test_fast_critic_fit_follows_torch_adam() -> None:
         assert isinstance(model._fast_critic, FastMlpCritic) == fast
         return [p.detach().clone() for p in model.policy.parameters()]
 
-    for fast_param, generic_param in zip(fit(True), fit(False)):
-        th.testing.assert_close(fast_param, generic_param, rtol=1e-4, atol=1e-5)
+    fast = fit(True)
+    generic_fused = fit(False)  # autograd gradients, the fused Adam kernel
+    with monkeypatch.context() as patch:
+        patch.setattr(FusedAdam, "build", staticmethod(lambda *args: None))
+        reference = fit(False)  # autograd gradients, torch.optim.Adam.step()
+    for fast_param, fused_param, reference_param in zip(fast, generic_fused, reference):
+        th.testing.assert_close(fast_param, reference_param, rtol=1e-4, atol=1e-5)
+        th.testing.assert_close(fused_param, reference_param, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adam_step_is_torch_adam_step_and_keeps_its_state() -> None:
+    generator = th.Generator().manual_seed(0)
+    params = [th.nn.Parameter(th.randn(5, 3, generator=generator)), th.nn.Parameter(th.randn(3, generator=generator))]
+    twins = [th.nn.Parameter(p.detach().clone()) for p in params]
+    fused_optimizer, torch_optimizer = th.optim.Adam(params, lr=3e-3), th.optim.Adam(twins, lr=3e-3)
+    adam = FusedAdam.build(fused_optimizer, params)
+    assert adam is not None
+    for _ in range(5):
+        grads = [th.randn(p.shape, generator=generator) for p in params]
+        adam.step(grads)
+        for twin, grad in zip(twins, grads):
+            twin.grad = grad.clone()
+        torch_optimizer.step()
+    for param, twin in zip(params, twins):
+        th.testing.assert_close(param, twin, rtol=1e-6, atol=1e-7)
+    # the state lives in the optimizer: torch's own Adam continues from it
+    assert fused_optimizer.state_dict()["state"].keys() == torch_optimizer.state_dict()["state"].keys()
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        th.testing.assert_close(fused_optimizer.state[params[0]][key], torch_optimizer.state[twins[0]][key])
+    assert FusedAdam.build(th.optim.Adam(params, weight_decay=0.1), params) is None
+    assert FusedAdam.build(th.optim.SGD(params, lr=0.1), params) is None
 
 
 def test_fast_critic_is_not_used_for_other_architectures() -> None:

@@ -18,12 +18,94 @@ from stable_baselines3.common.torch_layers import MlpExtractor
 from torch import nn
 
 _ACTIVATIONS = (nn.Tanh, nn.ReLU)
+#: Adam's first moments, second moments and step counts, one tensor per parameter each
+AdamState = tuple[list[th.Tensor], list[th.Tensor], list[th.Tensor]]
 
 
 def _tanh(x: th.Tensor) -> th.Tensor:
     """``tanh(x) = 2 sigmoid(2x) - 1``: the same function to float32 rounding, and several times faster than
     ``torch.tanh`` on CPU in PyTorch 2.13 (measured on the project's machines)."""
     return th.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
+
+
+def fused_adam_compatible(optimizer: th.optim.Optimizer) -> bool:
+    """True for a ``torch.optim.Adam`` whose update the fused kernel reproduces (no weight decay, AMSGrad, ...)."""
+    if type(optimizer) is not th.optim.Adam or len(optimizer.param_groups) != 1:
+        return False
+    for group in optimizer.param_groups:
+        if group["weight_decay"] != 0 or group["amsgrad"] or group["maximize"] or group["differentiable"]:
+            return False
+        if group.get("capturable") or group.get("decoupled_weight_decay"):
+            return False
+    return True
+
+
+class FusedAdam:
+    """
+    ``optimizer.step()`` of a :func:`fused_adam_compatible` Adam for given gradients: PyTorch's fused Adam kernel
+    called directly on the optimizer's own state tensors (created as ``torch.optim.Adam`` creates them), so saving,
+    loading and learning-rate schedules see an ordinary Adam, without its per-step Python overhead.
+
+    :param optimizer: The Adam optimizer
+    :param params: The parameters to update (all in the optimizer, float32, dense)
+    """
+
+    def __init__(self, optimizer: th.optim.Adam, params: Sequence[th.Tensor]) -> None:
+        self.optimizer = optimizer
+        self.params = list(params)
+
+    @staticmethod
+    def build(optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]) -> FusedAdam | None:
+        """:return: The fused step, or ``None`` where ``optimizer.step()`` must be used"""
+        if not fused_adam_compatible(optimizer) or any(p.dtype != th.float32 or p.is_sparse for p in params):
+            return None
+        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not all(id(p) in optimized for p in params):
+            return None
+        return FusedAdam(optimizer, params)  # type: ignore[arg-type]
+
+    def state(self) -> AdamState:
+        """The Adam state of each parameter, created as ``torch.optim.Adam`` would on its first step."""
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for param in self.params:
+            state = self.optimizer.state[param]
+            if len(state) == 0:
+                state["step"] = th.tensor(0.0, dtype=th.float32, device=param.device)
+                state["exp_avg"] = th.zeros_like(param, memory_format=th.preserve_format)
+                state["exp_avg_sq"] = th.zeros_like(param, memory_format=th.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, steps
+
+    @th.no_grad()
+    def step(self, grads: Sequence[th.Tensor], state: AdamState | None = None) -> None:
+        """
+        One Adam update of ``params`` with ``grads`` (torch.optim.Adam's update; the functional wrapper, which
+        regroups the tensors by device at every call, is skipped).
+
+        :param grads: One gradient per parameter
+        :param state: :meth:`state`, when the caller keeps it across steps
+        """
+        exp_avgs, exp_avg_sqs, steps = self.state() if state is None else state
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group["betas"]
+        th._foreach_add_(steps, 1)
+        th._fused_adam_(
+            self.params,
+            list(grads),
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=group["eps"],
+            amsgrad=False,
+            maximize=False,
+        )
 
 
 class FastMlpCritic:
@@ -50,13 +132,8 @@ class FastMlpCritic:
         """
         if type(mlp_extractor) is not MlpExtractor or not isinstance(value_head, nn.Linear) or value_head.bias is None:
             return None
-        if type(optimizer) is not th.optim.Adam or len(optimizer.param_groups) != 1:
+        if not fused_adam_compatible(optimizer):
             return None
-        for group in optimizer.param_groups:
-            if group["weight_decay"] != 0 or group["amsgrad"] or group["maximize"] or group["differentiable"]:
-                return None
-            if group.get("capturable") or group.get("decoupled_weight_decay"):
-                return None
         layers: list[nn.Linear] = []
         activations: list[nn.Module] = []
         modules = list(mlp_extractor.value_net)
@@ -70,26 +147,12 @@ class FastMlpCritic:
         if len(layers) != len(activations):
             return None
         layers.append(value_head)
-        critic = FastMlpCritic(layers, activations, optimizer)
+        critic = FastMlpCritic(layers, activations, optimizer)  # type: ignore[arg-type]
         if {id(p) for p in critic.params} != {id(p) for p in critic_params}:
             return None
         if any(p.dtype != th.float32 or p.is_sparse for p in critic.params):
             return None
         return critic
-
-    def _optimizer_state(self) -> tuple[list[th.Tensor], list[th.Tensor], list[th.Tensor]]:
-        """The Adam state of each critic parameter, created as ``torch.optim.Adam`` would on its first step."""
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for param in self.params:
-            state = self.optimizer.state[param]
-            if len(state) == 0:
-                state["step"] = th.tensor(0.0, dtype=th.float32, device=param.device)
-                state["exp_avg"] = th.zeros_like(param, memory_format=th.preserve_format)
-                state["exp_avg_sq"] = th.zeros_like(param, memory_format=th.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        return exp_avgs, exp_avg_sqs, steps
 
     def loss_and_gradients(self, features: th.Tensor, returns: th.Tensor) -> tuple[th.Tensor, list[th.Tensor]]:
         """
@@ -135,9 +198,8 @@ class FastMlpCritic:
         :param n_epochs: Number of passes
         :return: The loss of every minibatch
         """
-        exp_avgs, exp_avg_sqs, steps = self._optimizer_state()
-        group = self.optimizer.param_groups[0]
-        beta1, beta2 = group["betas"]
+        adam = FusedAdam(self.optimizer, self.params)
+        state = adam.state()
         n_samples = returns.shape[0]
         losses = []
         for _ in range(n_epochs):
@@ -147,23 +209,6 @@ class FastMlpCritic:
             for start in range(0, n_samples, batch_size):
                 end = start + batch_size
                 loss, grads = self.loss_and_gradients(shuffled_features[start:end], shuffled_returns[start:end])
-                # torch.optim.Adam's update, with its fused kernel called directly (the functional wrapper regroups
-                # the tensors by device on every call)
-                th._foreach_add_(steps, 1)
-                th._fused_adam_(
-                    self.params,
-                    grads,
-                    exp_avgs,
-                    exp_avg_sqs,
-                    [],
-                    steps,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    weight_decay=0.0,
-                    eps=group["eps"],
-                    amsgrad=False,
-                    maximize=False,
-                )
+                adam.step(grads, state)
                 losses.append(loss)
         return [float(x) for x in th.stack(losses).tolist()] if losses else []

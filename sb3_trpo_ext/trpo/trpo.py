@@ -21,7 +21,7 @@ from stable_baselines3.common.utils import explained_variance, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
-from sb3_trpo_ext.common.critic import FastMlpCritic
+from sb3_trpo_ext.common.critic import FastMlpCritic, FusedAdam
 from sb3_trpo_ext.common.lean_policy import PolicyStep, make_buffer_add, make_lean_noise_reset, make_lean_policy_step
 from sb3_trpo_ext.common.mlp_fisher import MlpFisher
 from sb3_trpo_ext.common.numerics import (
@@ -566,6 +566,9 @@ class TRPO(OnPolicyAlgorithm):
             with th.no_grad():
                 features = BasePolicy.extract_features(self.policy, observations, self.policy.vf_features_extractor)
             return self._fast_critic.fit(features, returns, self.batch_size, self.n_critic_updates)
+        adam = FusedAdam.build(optimizer, critic_params)
+        adam_state = adam.state() if adam is not None else None
+        step_losses: list[th.Tensor] = []
         for _ in range(self.n_critic_updates):
             permutation = th.randperm(n_samples, device=returns.device)
             for start in range(0, n_samples, self.batch_size):
@@ -573,13 +576,16 @@ class TRPO(OnPolicyAlgorithm):
                 values = self.policy.predict_values(index_observations(observations, indices)).flatten()
                 value_loss = F.mse_loss(values, returns[indices])
                 grads = th.autograd.grad(value_loss, critic_params)
-                optimizer.zero_grad(set_to_none=True)
-                for param, grad in zip(critic_params, grads):
-                    param.grad = grad
-                optimizer.step()
-                losses.append(value_loss.item())
+                if adam is not None:  # torch.optim.Adam's update by its fused kernel, on the optimizer's state
+                    adam.step(grads, adam_state)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    for param, grad in zip(critic_params, grads):
+                        param.grad = grad
+                    optimizer.step()
+                step_losses.append(value_loss.detach())
         optimizer.zero_grad(set_to_none=True)
-        return losses
+        return [float(x) for x in th.stack(step_losses).tolist()] if step_losses else []
 
     def _policy_batch_context(self, rollout_data: Any, rows: slice) -> AbstractContextManager[None]:
         """
