@@ -11,7 +11,7 @@ schedule see an ordinary ``torch.optim.Adam``. Any other critic or optimizer fal
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch as th
 from stable_baselines3.common.torch_layers import MlpExtractor
@@ -106,6 +106,30 @@ class FusedAdam:
             amsgrad=False,
             maximize=False,
         )
+
+
+def optimizer_update(optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]) -> Callable[[Sequence[th.Tensor]], None]:
+    """
+    ``grads -> None``: one optimizer update of ``params`` from the given gradients: :class:`FusedAdam` where it
+    applies, else ``optimizer.step()`` with only these parameters' gradients set (every other one stays ``None``,
+    which the optimizer skips).
+
+    :param optimizer: The optimizer holding ``params``
+    :param params: The parameters to update
+    :return: The update function
+    """
+    fused = FusedAdam.build(optimizer, params)
+    if fused is not None:
+        state = fused.state()
+        return lambda grads: fused.step(grads, state)
+
+    def step(grads: Sequence[th.Tensor]) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        optimizer.step()
+
+    return step
 
 
 class FastMlpCritic:

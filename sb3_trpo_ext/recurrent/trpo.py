@@ -23,7 +23,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch.autograd import forward_ad
 
-from sb3_trpo_ext.common.critic import FusedAdam
+from sb3_trpo_ext.common.critic import optimizer_update
 from sb3_trpo_ext.common.numerics import DistParams, fisher_weight_product
 from sb3_trpo_ext.common.policy_utils import (
     all_finite,
@@ -463,8 +463,7 @@ class RecurrentTRPO(TRPO):
         if not critic_params or self.n_critic_updates == 0:
             return losses
         optimizer = self.policy.optimizer
-        adam = FusedAdam.build(optimizer, critic_params)
-        adam_state = adam.state() if adam is not None else None
+        update = optimizer_update(optimizer, critic_params)  # Adam's fused kernel where it applies
         step_losses: list[th.Tensor] = []
         real_mask = th.zeros(batch.n_seq * batch.max_length, dtype=th.bool, device=returns.device)
         real_mask[batch.real] = True
@@ -485,13 +484,7 @@ class RecurrentTRPO(TRPO):
                 mask = real_mask[seqs]
                 value_loss = ((values - returns_seq[seqs]) ** 2)[mask].mean()
                 grads = th.autograd.grad(value_loss, critic_params)
-                if adam is not None:  # torch.optim.Adam's update by its fused kernel, on the optimizer's state
-                    adam.step(grads, adam_state)
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    for param, grad in zip(critic_params, grads):
-                        param.grad = grad
-                    optimizer.step()
+                update(grads)
                 step_losses.append(value_loss.detach())
         optimizer.zero_grad(set_to_none=True)
         return [float(x) for x in th.stack(step_losses).tolist()] if step_losses else []

@@ -21,7 +21,7 @@ from stable_baselines3.common.utils import explained_variance, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
-from sb3_trpo_ext.common.critic import FastMlpCritic, FusedAdam
+from sb3_trpo_ext.common.critic import FastMlpCritic, optimizer_update
 from sb3_trpo_ext.common.lean_policy import PolicyStep, make_buffer_add, make_lean_noise_reset, make_lean_policy_step
 from sb3_trpo_ext.common.mlp_fisher import MlpFisher
 from sb3_trpo_ext.common.numerics import (
@@ -566,8 +566,7 @@ class TRPO(OnPolicyAlgorithm):
             with th.no_grad():
                 features = BasePolicy.extract_features(self.policy, observations, self.policy.vf_features_extractor)
             return self._fast_critic.fit(features, returns, self.batch_size, self.n_critic_updates)
-        adam = FusedAdam.build(optimizer, critic_params)
-        adam_state = adam.state() if adam is not None else None
+        update = optimizer_update(optimizer, critic_params)  # Adam's fused kernel where it applies
         step_losses: list[th.Tensor] = []
         for _ in range(self.n_critic_updates):
             permutation = th.randperm(n_samples, device=returns.device)
@@ -576,13 +575,7 @@ class TRPO(OnPolicyAlgorithm):
                 values = self.policy.predict_values(index_observations(observations, indices)).flatten()
                 value_loss = F.mse_loss(values, returns[indices])
                 grads = th.autograd.grad(value_loss, critic_params)
-                if adam is not None:  # torch.optim.Adam's update by its fused kernel, on the optimizer's state
-                    adam.step(grads, adam_state)
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    for param, grad in zip(critic_params, grads):
-                        param.grad = grad
-                    optimizer.step()
+                update(grads)
                 step_losses.append(value_loss.detach())
         optimizer.zero_grad(set_to_none=True)
         return [float(x) for x in th.stack(step_losses).tolist()] if step_losses else []
