@@ -117,10 +117,15 @@ def test_accepted_step_satisfies_the_trust_region_on_real_steps(kind: str) -> No
     assert values["train/surrogate_after"] > values["train/surrogate_before"]
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [{}, {"n_lstm_layers": 2}, {"shared_lstm": True, "enable_critic_lstm": False}],
+    ids=["default", "two-layers", "shared-lstm"],
+)
 @pytest.mark.parametrize("forward_mode", [True, False])
 @pytest.mark.parametrize("kind", ["discrete", "box"])
-def test_fisher_vector_product_matches_explicit_fisher_over_sequences(kind: str, forward_mode: bool) -> None:
-    model = only_collected(kind, n_envs=2, policy_kwargs={"net_arch": [3], "lstm_hidden_size": 3})
+def test_fisher_vector_product_matches_explicit_fisher_over_sequences(kind: str, forward_mode: bool, layout: dict) -> None:
+    model = only_collected(kind, n_envs=2, policy_kwargs={"net_arch": [3], "lstm_hidden_size": 3, **layout})
     data = next(model.rollout_buffer.get(batch_size=None))
     batch = model._prepare_sequences(data)
     params, _ = model._split_parameters(data.observations)
