@@ -138,6 +138,31 @@ def _normal_log_prob_np(actions: np.ndarray, mean: np.ndarray, minus_two_var: np
     return th.from_numpy(terms).sum(dim=1)
 
 
+def categorical_draw(log_pmf: th.Tensor, on_cpu: bool) -> tuple[np.ndarray, th.Tensor]:
+    """
+    ``Categorical(logits=log_pmf).sample()`` (``torch.multinomial(softmax, 1, True)``) and the draws' log-probabilities.
+
+    On the CPU, ``torch.multinomial`` with one sample draws one Exp(1) variable per probability and takes
+    ``argmax(probs / draws)`` (the exponential form of the Gumbel-max trick): the same draws and division here, the
+    argmax in NumPy (first maximum, as torch's), without its validity checks' extra kernels. Same bits and the same
+    random-number state afterwards (tested); other devices call ``torch.multinomial``.
+
+    :param log_pmf: Normalised logits, one row per sample
+    :param on_cpu: Whether the tensors live on the CPU
+    :return: The drawn outcomes as a column ``(n, 1)`` of int64, and their log-probabilities ``(n,)``
+    """
+    probs = F.softmax(log_pmf, dim=-1)
+    if not on_cpu:
+        drawn = th.multinomial(probs, 1, True)
+        return drawn.cpu().numpy(), log_pmf.gather(-1, drawn).squeeze(-1)
+    draws = th.empty_like(probs).exponential_(1.0).numpy()
+    probs_np = probs.numpy()
+    if not (probs_np >= 0).all():  # NaN (softmax gives no inf and nothing negative otherwise)
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+    drawn_np = np.argmax(probs_np / draws, axis=1)  # draws > 0
+    return drawn_np[:, None], th.from_numpy(log_pmf.numpy()[np.arange(len(drawn_np)), drawn_np])
+
+
 def make_lean_policy_step(
     policy: ActorCriticPolicy, action_space: spaces.Space, use_sde: bool, numpy_elementwise: bool | None = None
 ) -> PolicyStep | None:
@@ -236,32 +261,14 @@ def _make_step(
         return gsde_step
 
     if type(distribution) is CategoricalDistribution:
-        row_indices: dict[int, np.ndarray] = {}
 
         def categorical_step(obs: PyTorchObs) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
             latent_pi, latent_vf = latents(obs)
             values = F.linear(latent_vf, v_weight, v_bias)
             logits = F.linear(latent_pi, a_weight, a_bias)
             # Categorical(logits): normalised logits, probabilities by softmax, one multinomial draw per row
-            log_pmf = logits - logits.logsumexp(dim=-1, keepdim=True)
-            probs = F.softmax(log_pmf, dim=-1)
-            if numpy_elementwise:
-                # torch.multinomial(probs, 1, True) on the CPU draws one Exp(1) variable per probability and takes
-                # argmax(probs / draws) (the exponential form of the Gumbel-max trick): the same draws and division
-                # here, the argmax in NumPy (first maximum, as torch's), without its validity checks' extra kernels
-                draws = th.empty_like(probs).exponential_(1.0).numpy()
-                probs_np = probs.numpy()
-                if not (probs_np >= 0).all():  # NaN (softmax gives no inf, no negative otherwise)
-                    raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-                drawn_np = np.argmax(probs_np / draws, axis=1)
-                rows = row_indices.get(len(drawn_np))
-                if rows is None:
-                    rows = row_indices[len(drawn_np)] = np.arange(len(drawn_np))
-                log_prob = th.from_numpy(log_pmf.numpy()[rows, drawn_np])
-                return drawn_np.reshape(action_shape), values, log_prob
-            drawn = th.multinomial(probs, 1, True)  # one column
-            log_prob = log_pmf.gather(-1, drawn).squeeze(-1)
-            return drawn.reshape(action_shape).cpu().numpy(), values, log_prob
+            drawn, log_prob = categorical_draw(logits - logits.logsumexp(dim=-1, keepdim=True), numpy_elementwise)
+            return drawn.reshape(action_shape), values, log_prob
 
         return categorical_step
 

@@ -21,7 +21,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from torch.nn import functional as F
 
-from sb3_trpo_ext.common.lean_policy import latents_fn, make_buffer_add
+from sb3_trpo_ext.common.lean_policy import categorical_draw, latents_fn, make_buffer_add
 from sb3_trpo_ext.common.numerics import DistParams
 from sb3_trpo_ext.common.policy_utils import distribution_params
 from sb3_trpo_ext.maskable.masks import check_action_masks, mask_component_sizes
@@ -210,28 +210,9 @@ class MaskableTRPO(TRPO):
         # module-free for plain MLPs on Box observations (sb3-contrib's maskable policies have the same layout)
         latents = latents_fn(policy, self.observation_space)  # type: ignore[arg-type]
         invalid_logit = th.tensor(-1e8, dtype=action_head.weight.dtype, device=self.device)
-        row_indices: dict[int, np.ndarray] = {}
 
         def normalized(logits: th.Tensor) -> th.Tensor:
             return logits - logits.logsumexp(dim=-1, keepdim=True)  # as torch's Categorical(logits=...)
-
-        def draw(log_pmf: th.Tensor) -> tuple[np.ndarray, th.Tensor]:
-            """Categorical.sample (torch.multinomial(probs, 1, True)) and the log-probability of the draw."""
-            probs = th.softmax(log_pmf, dim=-1)
-            if not on_cpu:
-                action = th.multinomial(probs, 1, True)
-                return action.cpu().numpy(), log_pmf.gather(1, action).squeeze(1)
-            # torch.multinomial's own algorithm on the CPU: one Exp(1) draw per probability, argmax(probs / draws)
-            # (see make_lean_policy_step); masked outcomes have probability 0 and are never drawn
-            draws = th.empty_like(probs).exponential_(1.0).numpy()
-            probs_np = probs.numpy()
-            if not (probs_np >= 0).all():
-                raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-            drawn = np.argmax(probs_np / draws, axis=1)  # draws > 0: no floating-point error is possible
-            rows = row_indices.get(len(drawn))
-            if rows is None:
-                rows = row_indices[len(drawn)] = np.arange(len(drawn))
-            return drawn[:, None], th.from_numpy(log_pmf.numpy()[rows, drawn])
 
         def step(obs: PyTorchObs, masks: np.ndarray | None) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
             latent_pi, latent_vf = latents(obs)
@@ -251,7 +232,7 @@ class MaskableTRPO(TRPO):
                 component = normalized(component)
                 if component_valid is not None:
                     component = th.where(component_valid, component, invalid_logit)
-                action, log_prob = draw(normalized(component))
+                action, log_prob = categorical_draw(normalized(component), on_cpu)  # Categorical.sample
                 actions.append(action)
                 log_probs.append(log_prob)
             if len(sizes) == 1:
