@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sb3_trpo_ext.common.contrib_compat import from_sb3_contrib, kl_dimension_factor
 from sb3_trpo_ext.trpo import TRPO, CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo_ext.version import __version__
 
@@ -11,7 +12,17 @@ if TYPE_CHECKING:
     from sb3_trpo_ext.maskable import MaskableTRPO
     from sb3_trpo_ext.recurrent import RecurrentTRPO
 
-__all__ = ["TRPO", "CnnPolicy", "MaskableTRPO", "MlpPolicy", "MultiInputPolicy", "RecurrentTRPO", "__version__"]
+__all__ = [
+    "TRPO",
+    "CnnPolicy",
+    "MaskableTRPO",
+    "MlpPolicy",
+    "MultiInputPolicy",
+    "RecurrentTRPO",
+    "__version__",
+    "from_sb3_contrib",
+    "kl_dimension_factor",
+]
 
 # MaskableTRPO and RecurrentTRPO build on sb3-contrib's policies and buffers (the `contrib` extra): they are imported
 # on first use, so that TRPO itself needs only stable-baselines3.

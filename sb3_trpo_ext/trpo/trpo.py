@@ -132,7 +132,9 @@ class TRPO(OnPolicyAlgorithm):
     :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
     :param normalize_advantage: Whether to normalize the advantages (over the whole batch)
-    :param target_kl: Trust-region radius ``delta``: bound on the mean KL(old || new) of an update
+    :param target_kl: Trust-region radius ``delta``: bound on the mean KL(old || new) of an update, the KL of the
+        whole action distribution (sb3-contrib's TRPO averages it over action dimensions: see
+        :func:`~sb3_trpo_ext.from_sb3_contrib` to translate its settings)
     :param sub_sampling_factor: Use every k-th sample of the batch for the policy step
         (see pp. 40-42 of John Schulman's thesis, http://joschu.net/docs/thesis.pdf)
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
