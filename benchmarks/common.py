@@ -34,6 +34,12 @@ FIGURES_DIR = BENCHMARKS_DIR / "figures"
 #: The implementations compared, in the order they appear in tables and plots.
 IMPLS = ("sb3_trpo_ext", "sb3_contrib")
 
+#: An extra arm of the returns benchmark (``--impls``): sb3_trpo_ext with the zoo's ``target_kl`` and ``cg_damping``
+#: translated by :func:`sb3_trpo_ext.from_sb3_contrib`, i.e. with sb3-contrib's trust region (its KL is averaged over
+#: action dimensions); every other setting is the zoo's.
+MATCHED = "sb3_trpo_ext_contrib_kl"
+RETURNS_IMPLS = (*IMPLS, MATCHED)
+
 #: MuJoCo environments: the zoo only lists their -v4 versions; the -v5 ones use the same settings.
 MUJOCO_ENVS = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5", "Swimmer-v5", "Humanoid-v5")
 
@@ -45,7 +51,7 @@ def algorithm_class(impl: str) -> type[BaseAlgorithm]:
     :param impl: ``"sb3_trpo_ext"`` or ``"sb3_contrib"``.
     :return: the algorithm class.
     """
-    if impl == "sb3_trpo_ext":
+    if impl in ("sb3_trpo_ext", MATCHED):
         from sb3_trpo_ext import TRPO
 
         return TRPO
@@ -53,7 +59,7 @@ def algorithm_class(impl: str) -> type[BaseAlgorithm]:
         from sb3_contrib import TRPO as ContribTRPO
 
         return ContribTRPO
-    raise ValueError(f"unknown implementation {impl!r}, expected one of {IMPLS}")
+    raise ValueError(f"unknown implementation {impl!r}, expected one of {RETURNS_IMPLS}")
 
 
 def zoo_hyperparams_file() -> Path:
@@ -197,7 +203,7 @@ def make_model(impl: str, config: ZooConfig, env: VecEnv, seed: int, **overrides
     """
     A TRPO model of one implementation with the zoo's settings.
 
-    :param impl: ``"sb3_trpo_ext"`` or ``"sb3_contrib"``.
+    :param impl: ``"sb3_trpo_ext"``, ``"sb3_contrib"`` or :data:`MATCHED`.
     :param config: the environment's settings.
     :param env: the training environment.
     :param seed: the model's seed.
@@ -206,6 +212,10 @@ def make_model(impl: str, config: ZooConfig, env: VecEnv, seed: int, **overrides
     """
     kwargs = {**config.model_kwargs, **overrides}
     policy = kwargs.pop("policy")
+    if impl == MATCHED:
+        from sb3_trpo_ext import from_sb3_contrib
+
+        kwargs = from_sb3_contrib(env.action_space, **kwargs)
     return algorithm_class(impl)(policy, env, seed=seed, device="cpu", verbose=0, **kwargs)
 
 
@@ -285,8 +295,10 @@ __all__ = [
     "BENCHMARKS_DIR",
     "FIGURES_DIR",
     "IMPLS",
+    "MATCHED",
     "MUJOCO_ENVS",
     "RESULTS_DIR",
+    "RETURNS_IMPLS",
     "ZooConfig",
     "algorithm_class",
     "make_eval_env",

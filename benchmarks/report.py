@@ -27,11 +27,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from benchmarks.common import FIGURES_DIR, IMPLS, REPO_ROOT, RESULTS_DIR, read_json
+from benchmarks.common import FIGURES_DIR, IMPLS, MATCHED, REPO_ROOT, RESULTS_DIR, read_json
 from benchmarks.returns import ENVS, SEEDS, budget
 from benchmarks.speed import SECTIONS, floor_summary, learn_summary
 
-COLORS = {"sb3_trpo_ext": "tab:blue", "sb3_contrib": "tab:orange"}
+COLORS = {"sb3_trpo_ext": "tab:blue", "sb3_contrib": "tab:orange", MATCHED: "tab:green"}
 SPEED_MARKERS = ("<!-- BENCHMARK:SPEED:START -->", "<!-- BENCHMARK:SPEED:END -->")
 RETURNS_MARKERS = ("<!-- BENCHMARK:RETURNS:START -->", "<!-- BENCHMARK:RETURNS:END -->")
 BEYOND_MARKERS = ("<!-- BENCHMARK:BEYOND:START -->", "<!-- BENCHMARK:BEYOND:END -->")
@@ -181,13 +181,14 @@ def plot_curves(ax: plt.Axes, env_id: str, results: dict[tuple[str, str], list[d
     :param env_id: the environment.
     :param results: the loaded results.
     """
-    for impl in IMPLS:
+    for impl in (*IMPLS, MATCHED):
         runs = results.get((impl, env_id), [])
         if not runs:
             continue
         timesteps, curves = stacked_curves(runs)
         mean, low, high = curve_band(curves)
-        ax.plot(timesteps, mean, color=COLORS[impl], label=f"{impl} ({len(runs)} seeds)")
+        style = "--" if impl == MATCHED else "-"
+        ax.plot(timesteps, mean, style, color=COLORS[impl], label=f"{impl} ({len(runs)} seeds)")
         ax.fill_between(timesteps, low, high, color=COLORS[impl], alpha=0.25, linewidth=0)
     ax.set_title(env_id)
     ax.set_xlabel("environment steps")
@@ -284,6 +285,7 @@ def returns_table(
         published = [PUBLISHED[source].get(env_id, "") for source in PUBLISHED_SOURCES]
         lines.append(f"| {env_id} | {steps} | " + " | ".join(cells + published) + " |")
     sources = "\n".join(f"- {name}: {text}." for name, text in PUBLISHED_SOURCES.items())
+    matched = matched_table(results, envs)
     return (
         "Final return: mean of the last evaluation of each run (deterministic episodes on a separate environment, "
         "VecNormalize statistics frozen; 5 episodes every 10k steps for 1M-step runs, 10 episodes every 5% of the "
@@ -291,10 +293,44 @@ def returns_table(
         "confidence interval over seeds. Hyperparameters: the RL Zoo's `trpo.yml`, identical for both "
         "implementations (MuJoCo -v5 with the -v4 entries).\n\n"
         + "\n".join(lines)
+        + matched
         + "\n\nPublished TRPO numbers (other versions of the environments, other protocols; for orientation only):\n"
         + sources
         + f"\n\nLearning curves: `{figures_link}/returns_<env>.png`; all environments:\n\n"
         + f"![learning curves]({figures_link}/returns_all.png)\n"
+    )
+
+
+def matched_table(results: dict[tuple[str, str], list[dict[str, Any]]], envs: tuple[str, ...]) -> str:
+    """
+    The extra arm with sb3-contrib's trust region (:data:`~benchmarks.common.MATCHED`) beside both packages, each on
+    the seeds the extra arm ran.
+
+    :param results: the loaded results.
+    :param envs: the campaign's environments.
+    :return: Markdown (empty when the extra arm has no results).
+    """
+    lines = []
+    for env_id in envs:
+        runs = results.get((MATCHED, env_id), [])
+        if not runs:
+            continue
+        seeds = [run["seed"] for run in runs]
+        region = runs[0].get("trust_region", {})
+        cells = []
+        for impl in (MATCHED, *IMPLS):
+            finals = [run["final_return"] for run in results.get((impl, env_id), []) if run["seed"] in seeds]
+            cells.append(f"{np.mean(finals):.1f} ± {np.std(finals):.1f} ({len(finals)})" if finals else "missing")
+        trust = f"{region.get('target_kl', float('nan')):g} / {region.get('cg_damping', float('nan')):g}"
+        lines.append(f"| {env_id} | {' '.join(map(str, seeds))} | {trust} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return (
+        "\n\nSame trust region as sb3-contrib: `sb3_trpo_ext_contrib_kl` is sb3_trpo_ext with the zoo's `target_kl` and "
+        "`cg_damping` multiplied by the number of action dimensions (`from_sb3_contrib`; sb3-contrib averages its KL "
+        "over them), all else equal. Final return, mean ± std (runs) on the seeds this arm ran:\n\n"
+        "| environment | seeds | target_kl / cg_damping used | sb3_trpo_ext_contrib_kl | sb3_trpo_ext | sb3_contrib |\n"
+        "|---|---|---|---:|---:|---:|\n" + "\n".join(lines)
     )
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from benchmarks.common import (
     IMPLS,
     RESULTS_DIR,
+    RETURNS_IMPLS,
     make_eval_env,
     make_model,
     make_train_env,
@@ -181,6 +182,8 @@ def run_cell(cell: Cell, out: Path, smoke: bool = False) -> dict[str, Any]:
         "eval_interval": cell_budget.eval_interval,
         "n_eval_episodes": cell_budget.n_eval_episodes,
         "hyperparams": {**config.describe(), "overrides": cell_budget.overrides},
+        # what the model was built with (differs from the zoo's numbers for the translated arm)
+        "trust_region": {"target_kl": float(model.target_kl), "cg_damping": float(model.cg_damping)},
         "curve": {
             "timesteps": [int(t) for t in evaluation.evaluations_timesteps],
             "mean": [float(np.mean(r)) for r in episode_returns],
@@ -289,7 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=list(ENVS), help="environment ids (default: all, in order)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="seeds (default: 0 1 2 3 4)")
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="implementations")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=list(IMPLS),
+        choices=RETURNS_IMPLS,
+        help="implementations (default: the two packages; sb3_trpo_ext_contrib_kl: sb3_trpo_ext with sb3-contrib's "
+        "trust region, see sb3_trpo_ext.from_sb3_contrib)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cells run in parallel (default: cores)")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets (needs --out)")
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default: {DEFAULT_OUT})")

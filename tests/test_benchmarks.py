@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 
+from benchmarks.common import MATCHED
 from benchmarks.report import BEYOND_MARKERS, RETURNS_MARKERS, SPEED_MARKERS, iqm, replace_between_markers
+from sb3_trpo_ext import from_sb3_contrib
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("sb3_trpo_ext", "sb3_contrib")
@@ -53,6 +56,12 @@ def test_smoke_pipeline_writes_results_figures_and_readme_tables(tmp_path: Path)
                 assert result["final_return"] == result["curve"]["mean"][-1]
                 assert result["versions"]["sb3_contrib"]
     assert "0 to run" in run(*returns_args, "--envs", *ENVS, "--seeds", *SEEDS)
+    # The extra arm: sb3_trpo_ext with sb3-contrib's trust region (zoo numbers translated by from_sb3_contrib)
+    run(*returns_args, "--envs", "Pendulum-v1", "--seeds", "0", "--impls", MATCHED)
+    matched = json.loads((results / "returns" / MATCHED / "Pendulum-v1" / "seed0.json").read_text())
+    zoo = json.loads((results / "returns" / "sb3_contrib" / "Pendulum-v1" / "seed0.json").read_text())
+    assert matched["impl"] == MATCHED and matched["final_return"] is not None
+    assert matched["trust_region"] == from_sb3_contrib(gym.make("Pendulum-v1").action_space, **zoo["trust_region"])
 
     # Speed: every section writes its file.
     run("benchmarks.speed", "--smoke", "--out", str(results / "speed"), "--name", "smoke", "--envs", "HalfCheetah-v5")
@@ -82,5 +91,6 @@ def test_smoke_pipeline_writes_results_figures_and_readme_tables(tmp_path: Path)
     assert "| CartPole-v1 |" in text and "| HalfCheetah-v5 | 1M | missing (0/5 seeds)" in text
     assert "Floor ratio, HalfCheetah-v5" in text
     assert "| MaskableTRPO |" in text and "| RecurrentTRPO |" in text
+    assert "| Pendulum-v1 | 0 | 0.01 / 0.1 |" in text  # the extra arm's table (d = 1: the same numbers)
     for name in ("returns_CartPole-v1", "returns_Pendulum-v1", "returns_all", "speed_batch", "speed_width", "speed_n_envs"):
         assert (figures / f"{name}.png").stat().st_size > 0
