@@ -183,7 +183,7 @@ def run_cell(cell: Cell, out: Path, smoke: bool = False) -> dict[str, Any]:
         "n_eval_episodes": cell_budget.n_eval_episodes,
         "hyperparams": {**config.describe(), "overrides": cell_budget.overrides},
         # what the model was built with (differs from the zoo's numbers for the translated arm)
-        "trust_region": {"target_kl": float(model.target_kl), "cg_damping": float(model.cg_damping)},
+        "trust_region": {name: float(vars(model)[name]) for name in ("target_kl", "cg_damping")},
         "curve": {
             "timesteps": [int(t) for t in evaluation.evaluations_timesteps],
             "mean": [float(np.mean(r)) for r in episode_returns],
