@@ -291,7 +291,10 @@ def returns_table(
         "VecNormalize statistics frozen; 5 episodes every 10k steps for 1M-step runs, 10 episodes every 5% of the "
         "budget for shorter ones). Mean ± std over seeds; interquartile mean (IQM) with a 95% percentile bootstrap "
         "confidence interval over seeds. Hyperparameters: the RL Zoo's `trpo.yml`, identical for both "
-        "implementations (MuJoCo -v5 with the -v4 entries).\n\n"
+        "implementations (MuJoCo -v5 with the -v4 entries). The same numbers are not the same trust region for "
+        "Box actions: sb3-contrib averages its KL over the action dimensions, so its steps are larger (see "
+        "[Coming from sb3-contrib](#coming-from-sb3-contrib-the-same-target_kl-is-a-smaller-trust-region) and the table of the "
+        "translated arm below it, where it has results).\n\n"
         + "\n".join(lines)
         + matched
         + "\n\nPublished TRPO numbers (other versions of the environments, other protocols; for orientation only):\n"
