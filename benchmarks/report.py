@@ -293,8 +293,8 @@ def returns_table(
         "confidence interval over seeds. Hyperparameters: the RL Zoo's `trpo.yml`, identical for both "
         "implementations (MuJoCo -v5 with the -v4 entries). The same numbers are not the same trust region for "
         "Box actions: sb3-contrib averages its KL over the action dimensions, so its steps are larger (see "
-        "[Coming from sb3-contrib](#coming-from-sb3-contrib-the-same-target_kl-is-a-smaller-trust-region) and the table of the "
-        "translated arm below it, where it has results).\n\n"
+        "[Coming from sb3-contrib](#coming-from-sb3-contrib-the-same-target_kl-is-a-smaller-trust-region) and the "
+        "table of the translated arm below it, where it has results).\n\n"
         + "\n".join(lines)
         + matched
         + "\n\nPublished TRPO numbers (other versions of the environments, other protocols; for orientation only):\n"
