@@ -63,14 +63,14 @@ HYPERPARAMS: dict[str, Any] = {
 }
 
 
-def one_update_each(kind: str, translate: bool) -> dict[str, float]:
+def one_update_each(kind: str, translate: bool, use_sde: bool = False) -> dict[str, float]:
     """
     Collect one rollout with this package's TRPO, give sb3-contrib's TRPO the same weights and buffer, run
     ``train()`` in both from the same RNG state, and compare the parameter changes.
 
     :return: relative difference of the actor's and of the critic's changes, and the step length ratio
     """
-    contrib_settings = {"target_kl": 0.01, "cg_damping": 0.1, **HYPERPARAMS}
+    contrib_settings = {"target_kl": 0.01, "cg_damping": 0.1, "use_sde": use_sde, **HYPERPARAMS}
     env = make_env(kind)
     ours_settings = from_sb3_contrib(env.action_space, **contrib_settings) if translate else contrib_settings
     ours = TRPO("MlpPolicy", DummyVecEnv([lambda: make_env(kind)]), seed=0, device="cpu", **ours_settings)
@@ -122,17 +122,17 @@ def test_sb3_contrib_kl_is_averaged_over_action_dimensions() -> None:
     assert as_in_sb3_contrib.item() == pytest.approx(whole_distribution.item() / 3, rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["box3", "multibinary", "discrete"])
-def test_translated_settings_reproduce_sb3_contrib_update(kind: str) -> None:
-    result = one_update_each(kind, translate=True)
+@pytest.mark.parametrize(("kind", "use_sde"), [("box3", False), ("box3", True), ("multibinary", False), ("discrete", False)])
+def test_translated_settings_reproduce_sb3_contrib_update(kind: str, use_sde: bool) -> None:
+    result = one_update_each(kind, translate=True, use_sde=use_sde)
     # measured: about 1e-6 (actor) and 1e-5 or less (critic); float32 sums in a different order
     assert result["actor"] < 1e-4, result
     assert result["critic"] < 1e-4, result
 
 
-@pytest.mark.parametrize("kind", ["box3", "multibinary"])
-def test_same_numbers_give_a_shorter_step_than_sb3_contrib_for_several_action_dimensions(kind: str) -> None:
-    result = one_update_each(kind, translate=False)
+@pytest.mark.parametrize(("kind", "use_sde"), [("box3", False), ("box3", True), ("multibinary", False)])
+def test_same_numbers_give_a_shorter_step_than_sb3_contrib_for_several_action_dimensions(kind: str, use_sde: bool) -> None:
+    result = one_update_each(kind, translate=False, use_sde=use_sde)
     assert result["actor"] > 0.1, result
     assert result["actor_length_ratio"] < 0.9, result
 
