@@ -48,7 +48,7 @@ def algorithm_class(impl: str) -> type[BaseAlgorithm]:
     """
     The TRPO class of one implementation.
 
-    :param impl: ``"sb3_trpo_ext"`` or ``"sb3_contrib"``.
+    :param impl: ``"sb3_trpo_ext"``, ``"sb3_contrib"`` or :data:`MATCHED` (this package's class).
     :return: the algorithm class.
     """
     if impl in ("sb3_trpo_ext", MATCHED):

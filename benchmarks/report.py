@@ -175,7 +175,8 @@ def stacked_curves(runs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_curves(ax: plt.Axes, env_id: str, results: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
     """
-    Both implementations' mean learning curves with their 95% bootstrap bands on one axis.
+    Both implementations' mean learning curves with their 95% bootstrap bands on one axis (and the translated
+    arm's, dashed, where it has results).
 
     :param ax: the axis.
     :param env_id: the environment.
@@ -214,7 +215,7 @@ def returns_figures(
     figures_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for env_id in envs:
-        if not any((impl, env_id) in results for impl in IMPLS):
+        if not any((impl, env_id) in results for impl in (*IMPLS, MATCHED)):
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         plot_curves(ax, env_id, results)

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from benchmarks.common import MATCHED
+from benchmarks.common import MATCHED, make_model, make_train_env, zoo_config
 from benchmarks.report import BEYOND_MARKERS, RETURNS_MARKERS, SPEED_MARKERS, iqm, replace_between_markers
 from sb3_trpo_ext import from_sb3_contrib
 
@@ -38,6 +38,18 @@ def test_replace_between_markers_keeps_everything_else() -> None:
     )
     with pytest.raises(ValueError):
         replace_between_markers("no markers", RETURNS_MARKERS, "new")
+
+
+def test_translated_arm_gets_sb3_contrib_trust_region_and_the_others_the_zoo_numbers() -> None:
+    config = zoo_config("HalfCheetah-v5")  # target_kl 0.04, cg_damping 0.1, 6 action dimensions
+    env = make_train_env(config, seed=0)
+    try:
+        built = {impl: make_model(impl, config, env, seed=0) for impl in ("sb3_trpo_ext", "sb3_contrib", MATCHED)}
+    finally:
+        env.close()
+    numbers = {impl: (vars(model)["target_kl"], vars(model)["cg_damping"]) for impl, model in built.items()}
+    assert numbers == {"sb3_trpo_ext": (0.04, 0.1), "sb3_contrib": (0.04, 0.1), MATCHED: (0.24, 0.6)}
+    assert vars(built[MATCHED])["n_critic_updates"] == vars(built["sb3_trpo_ext"])["n_critic_updates"] == 20
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_trpo_ext import TRPO, from_sb3_contrib, kl_dimension_factor
-from tests.helpers import make_identity_env, summed_kl, torch_distribution
+from tests.helpers import make_identity_env, summed_kl
 
 sb3_contrib = pytest.importorskip("sb3_contrib")
 
@@ -85,13 +85,19 @@ def one_update_each(kind: str, translate: bool, use_sde: bool = False) -> dict[s
     th.manual_seed(1)
     ours.train()
     # sb3-contrib starts conjugate gradient from 1e-4 * randn; start it from 0 as here, without drawing
-    randn_like = th.randn_like
-    th.randn_like = lambda tensor, **_: th.zeros_like(tensor)  # type: ignore[assignment]
+    randn_like, calls = th.randn_like, []
+
+    def zeros_like(tensor: th.Tensor, **_: Any) -> th.Tensor:
+        calls.append(tensor.shape)
+        return th.zeros_like(tensor)
+
+    th.randn_like = zeros_like  # type: ignore[assignment]
     try:
         th.manual_seed(1)
         theirs.train()
     finally:
         th.randn_like = randn_like
+    assert calls, "sb3-contrib's conjugate gradient no longer starts from randn_like: revisit this comparison"
 
     def change(model: Any, keys: list[str]) -> th.Tensor:
         state = model.policy.state_dict()
@@ -113,19 +119,22 @@ def test_sb3_contrib_kl_is_averaged_over_action_dimensions() -> None:
     model = TRPO("MlpPolicy", TargetEnv(), policy_kwargs={"net_arch": [8]}, seed=0)
     observations = th.rand(50, 4)
     with th.no_grad():
-        old = model.policy.get_distribution(observations)
+        # copied as sb3-contrib does: get_distribution() returns the policy's one distribution object, updated in place
+        old = copy.copy(model.policy.get_distribution(observations))
         model.policy.log_std.add_(0.3)
         new = model.policy.get_distribution(observations)
+    assert old.distribution is not new.distribution
     as_in_sb3_contrib = kl_divergence(new, old).mean()
-    whole_distribution = summed_kl(torch_distribution(model, observations), [old.distribution]).mean()
+    whole_distribution = summed_kl([new.distribution], [old.distribution]).mean()
     assert kl_dimension_factor(model.action_space) == 3
+    assert whole_distribution.item() > 0.05
     assert as_in_sb3_contrib.item() == pytest.approx(whole_distribution.item() / 3, rel=1e-5)
 
 
 @pytest.mark.parametrize(("kind", "use_sde"), [("box3", False), ("box3", True), ("multibinary", False), ("discrete", False)])
 def test_translated_settings_reproduce_sb3_contrib_update(kind: str, use_sde: bool) -> None:
     result = one_update_each(kind, translate=True, use_sde=use_sde)
-    # measured: about 1e-6 (actor) and 1e-5 or less (critic); float32 sums in a different order
+    # measured: about 1e-6 (actor) and up to 2.3e-5 (critic); float32 sums in a different order
     assert result["actor"] < 1e-4, result
     assert result["critic"] < 1e-4, result
 

@@ -10,7 +10,10 @@ independent dimensions), as the TRPO paper does: with the same numbers its trust
 
 Solving ``(F / d + lambda I) x = g`` gives ``d`` times the solution of ``(F + d lambda I) x = g``, and the maximal
 step ``sqrt(2 delta / x^T A x)`` then comes out the same, so sb3-contrib's ``(target_kl, cg_damping)`` is exactly
-this package's ``(d * target_kl, d * cg_damping)``. For Discrete and MultiDiscrete actions SB3's KL is already one
+this package's ``(d * target_kl, d * cg_damping)``: the same search direction, the same maximal step and the same
+bound in the line search. What still differs is the line search's KL direction and inequality (sb3-contrib accepts on
+``KL(new || old) < target_kl``, this package on ``KL(old || new) <= target_kl``, the paper's), which decide only
+between candidates at the edge of the trust region. For Discrete and MultiDiscrete actions SB3's KL is already one
 value per sample and the factor is 1.
 """
 
@@ -59,6 +62,8 @@ def from_sb3_contrib(action_space: spaces.Space, **hyperparameters: Any) -> dict
     """
     factor = kl_dimension_factor(action_space)
     translated = dict(hyperparameters)
-    translated["target_kl"] = factor * float(hyperparameters.get("target_kl", SB3_CONTRIB_TARGET_KL))
-    translated["cg_damping"] = factor * float(hyperparameters.get("cg_damping", SB3_CONTRIB_CG_DAMPING))
+    defaults = {"target_kl": SB3_CONTRIB_TARGET_KL, "cg_damping": SB3_CONTRIB_CG_DAMPING}
+    for name, default in defaults.items():
+        # rounded to 12 significant digits: 6 * 0.1 is 0.6, not 0.6000000000000001
+        translated[name] = float(f"{factor * float(hyperparameters.get(name, default)):.12g}")
     return translated
