@@ -119,41 +119,80 @@ def test_lean_rollout_falls_back_to_sb3_where_it_does_not_apply(env_id: str) -> 
     custom.learn(64)
 
 
-def test_fast_critic_gradients_equal_autograd() -> None:
-    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=64, seed=0)
+@pytest.mark.parametrize("activation_fn", [th.nn.Tanh, th.nn.ReLU])
+def test_fast_critic_gradients_equal_autograd(activation_fn: type[th.nn.Module]) -> None:
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=64, seed=0, policy_kwargs={"activation_fn": activation_fn})
     policy = model.policy
     observations = th.randn(64, 3)
     returns = th.randn(64)
     _, critic_params = model._split_parameters(observations)
     critic = FastMlpCritic.build(policy.mlp_extractor, policy.value_net, critic_params, policy.optimizer)
     assert critic is not None
-    loss, grads = critic.loss_and_gradients(observations, returns)
     expected_loss = th.nn.functional.mse_loss(policy.predict_values(observations).flatten(), returns)
     expected = th.autograd.grad(expected_loss, critic.params)
+    # the torch version (any device)
+    loss, grads = critic.loss_and_gradients(observations, returns)
     th.testing.assert_close(loss, expected_loss.detach())
     for grad, reference in zip(grads, expected):
         th.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6)
+    # the NumPy version (CPU), on arrays sharing memory with the parameters
+    weights = [layer.weight.detach().numpy() for layer in critic.layers]
+    biases = [layer.bias.detach().numpy() for layer in critic.layers]
+    errors, numpy_grads = critic.numpy_loss_and_gradients(observations.numpy(), returns.numpy(), weights, biases)
+    assert errors.dtype == np.float32 and all(grad.dtype == np.float32 for grad in numpy_grads)
+    assert float(np.mean(np.square(errors))) == pytest.approx(expected_loss.item(), rel=1e-5)
+    for grad, reference in zip(numpy_grads, expected):
+        assert grad.shape == reference.shape
+        th.testing.assert_close(th.from_numpy(grad), reference, rtol=1e-5, atol=1e-6)
 
 
 def test_fast_critic_fit_follows_torch_adam(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fit(fast: bool) -> list[th.Tensor]:
+    def fit(fast: bool, numpy_on_cpu: bool = True) -> tuple[list[th.Tensor], list[float]]:
         model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=256, batch_size=32, n_critic_updates=3, seed=0)
         th.manual_seed(1)
         observations, returns = th.randn(256, 3), 10 * th.randn(256)
         if not fast:
             model._fast_critic = False
-        model._critic_regression(observations, returns)
+        with monkeypatch.context() as patch:
+            patch.setattr(FastMlpCritic, "numpy_on_cpu", numpy_on_cpu)
+            losses = model._critic_regression(observations, returns)
         assert isinstance(model._fast_critic, FastMlpCritic) == fast
-        return [p.detach().clone() for p in model.policy.parameters()]
+        return [p.detach().clone() for p in model.policy.parameters()], losses
 
-    fast = fit(True)
-    generic_fused = fit(False)  # autograd gradients, the fused Adam kernel
+    fast_numpy, numpy_losses = fit(True)
+    fast_torch, torch_losses = fit(True, numpy_on_cpu=False)
+    generic_fused, _ = fit(False)  # autograd gradients, the fused Adam kernel
     with monkeypatch.context() as patch:
         patch.setattr(FusedAdam, "build", staticmethod(lambda *args: None))
-        reference = fit(False)  # autograd gradients, torch.optim.Adam.step()
-    for fast_param, fused_param, reference_param in zip(fast, generic_fused, reference):
-        th.testing.assert_close(fast_param, reference_param, rtol=1e-4, atol=1e-5)
+        reference, reference_losses = fit(False)  # autograd gradients, torch.optim.Adam.step()
+    assert len(numpy_losses) == len(torch_losses) == len(reference_losses) == 3 * 256 // 32
+    np.testing.assert_allclose(numpy_losses, reference_losses, rtol=1e-4)
+    np.testing.assert_allclose(torch_losses, reference_losses, rtol=1e-4)
+    for numpy_param, torch_param, fused_param, reference_param in zip(fast_numpy, fast_torch, generic_fused, reference):
+        th.testing.assert_close(numpy_param, reference_param, rtol=1e-4, atol=1e-5)
+        th.testing.assert_close(torch_param, reference_param, rtol=1e-4, atol=1e-5)
         th.testing.assert_close(fused_param, reference_param, rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_critic_uses_as_many_blas_threads_as_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    seen: list[set[int]] = []
+    original = FastMlpCritic.numpy_loss_and_gradients
+
+    def spy(self: FastMlpCritic, *args: object) -> object:
+        seen.append({pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"})
+        return original(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FastMlpCritic, "numpy_loss_and_gradients", spy)
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, n_critic_updates=1, seed=0)
+    threads = th.get_num_threads()
+    try:
+        th.set_num_threads(1)
+        model._critic_regression(th.randn(64, 3), th.randn(64))
+    finally:
+        th.set_num_threads(threads)
+    assert isinstance(model._fast_critic, FastMlpCritic) and len(seen) == 2
+    assert all(pools <= {1} for pools in seen)
 
 
 def test_fused_adam_step_is_torch_adam_step_and_keeps_its_state() -> None:
