@@ -174,7 +174,9 @@ def test_fast_critic_fit_follows_torch_adam(monkeypatch: pytest.MonkeyPatch) -> 
         th.testing.assert_close(fused_param, reference_param, rtol=1e-5, atol=1e-6)
 
 
-def test_numpy_critic_uses_as_many_blas_threads_as_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_numpy_critic_runs_blas_on_one_thread_and_leaves_large_products_to_multithreaded_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     threadpoolctl = pytest.importorskip("threadpoolctl")
     seen: list[set[int]] = []
     original = FastMlpCritic.numpy_loss_and_gradients
@@ -184,15 +186,19 @@ def test_numpy_critic_uses_as_many_blas_threads_as_torch(monkeypatch: pytest.Mon
         return original(self, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(FastMlpCritic, "numpy_loss_and_gradients", spy)
-    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, n_critic_updates=1, seed=0)
     threads = th.get_num_threads()
     try:
-        th.set_num_threads(1)
-        model._critic_regression(th.randn(64, 3), th.randn(64))
+        for torch_threads, max_products, numpy_expected in [(2, 1 << 22, True), (1, 0, True), (2, 0, False)]:
+            th.set_num_threads(torch_threads)
+            monkeypatch.setattr(FastMlpCritic, "numpy_max_products", max_products)
+            seen.clear()
+            model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, n_critic_updates=1, seed=0)
+            model._critic_regression(th.randn(64, 3), th.randn(64))
+            assert isinstance(model._fast_critic, FastMlpCritic)
+            assert len(seen) == (2 if numpy_expected else 0), (torch_threads, max_products)
+            assert all(pools <= {1} for pools in seen)
     finally:
         th.set_num_threads(threads)
-    assert isinstance(model._fast_critic, FastMlpCritic) and len(seen) == 2
-    assert all(pools <= {1} for pools in seen)
 
 
 def test_fused_adam_step_is_torch_adam_step_and_keeps_its_state() -> None:

@@ -38,12 +38,13 @@ def _threadpools() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def blas_threads_like_torch() -> AbstractContextManager[object]:
+def single_threaded_blas() -> AbstractContextManager[object]:
     """
-    Limit NumPy's BLAS to as many threads as torch's intra-op pool has (``torch.set_num_threads``) while NumPy does
-    torch's work: by default OpenBLAS would use every core, and on small matrices that is slower, not faster.
+    Limit NumPy's BLAS to one thread while NumPy does the critic's small matrix products. By default OpenBLAS would use
+    every core: on these matrices that is slower, and on a loaded machine many times slower (measured: 20x on a
+    2-core machine running two other trainings).
     """
-    return _threadpools().limit(limits=th.get_num_threads(), user_api="blas")
+    return _threadpools().limit(limits=1, user_api="blas")
 
 
 def fused_adam_compatible(optimizer: th.optim.Optimizer) -> bool:
@@ -160,8 +161,11 @@ class FastMlpCritic:
     """
 
     #: On the CPU, run the forward and backward passes in NumPy (fewer, cheaper calls than torch's dispatcher for
-    #: these small matrices; Adam stays torch's fused kernel). Tested against the torch version and autograd.
+    #: these small matrices; Adam stays torch's fused kernel), single-threaded: where torch may use several threads,
+    #: only while every matrix product of a minibatch is below :attr:`numpy_max_products` multiply-adds (larger ones
+    #: are left to torch, which can split them). Tested against the torch version and autograd.
     numpy_on_cpu = True
+    numpy_max_products = 1 << 22
 
     def __init__(self, layers: Sequence[nn.Linear], activations: Sequence[nn.Module], optimizer: th.optim.Adam) -> None:
         self.layers = list(layers)
@@ -269,6 +273,13 @@ class FastMlpCritic:
         grads.reverse()  # -> (w0, b0, w1, b1, ...), the order of self.params
         return error, grads
 
+    def _use_numpy(self, features: th.Tensor, returns: th.Tensor, batch_size: int) -> bool:
+        """Whether :meth:`fit` runs the NumPy passes (see :attr:`numpy_on_cpu`)."""
+        if not self.numpy_on_cpu or features.device.type != "cpu" or returns.device.type != "cpu":
+            return False
+        largest = max(min(batch_size, returns.shape[0]) * layer.in_features * layer.out_features for layer in self.layers)
+        return th.get_num_threads() == 1 or largest <= self.numpy_max_products
+
     def _fit_numpy(
         self, features: th.Tensor, returns: th.Tensor, batch_size: int, n_epochs: int, adam: FusedAdam
     ) -> list[float]:
@@ -280,7 +291,7 @@ class FastMlpCritic:
         all_returns = np.ascontiguousarray(returns.detach().numpy(), dtype=np.float32)
         n_samples = all_returns.shape[0]
         errors = []
-        with blas_threads_like_torch(), np.errstate(all="ignore"):  # NumPy silent on overflow, as torch is
+        with single_threaded_blas(), np.errstate(all="ignore"):  # NumPy silent on overflow, as torch is
             for _ in range(n_epochs):
                 permutation = th.randperm(n_samples, device=returns.device).numpy()
                 shuffled_features, shuffled_returns = all_features[permutation], all_returns[permutation]
@@ -305,7 +316,7 @@ class FastMlpCritic:
         :return: The loss of every minibatch
         """
         adam = FusedAdam(self.optimizer, self.params)
-        if self.numpy_on_cpu and features.device.type == "cpu" and returns.device.type == "cpu":
+        if self._use_numpy(features, returns, batch_size):
             return self._fit_numpy(features, returns, batch_size, n_epochs, adam)
         state = adam.state()
         n_samples = returns.shape[0]
