@@ -12,8 +12,9 @@ schedule see an ordinary ``torch.optim.Adam``. Any other critic or optimizer fal
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from typing import Any, TypeVar
 
 import numpy as np
 import torch as th
@@ -24,6 +25,8 @@ from torch import nn
 _ACTIVATIONS = (nn.Tanh, nn.ReLU)
 #: Adam's first moments, second moments and step counts, one tensor per parameter each
 AdamState = tuple[list[th.Tensor], list[th.Tensor], list[th.Tensor]]
+#: A minibatch source: torch tensors, or NumPy arrays for the NumPy passes
+Batch = TypeVar("Batch", np.ndarray, th.Tensor)
 
 
 def _tanh(x: th.Tensor) -> th.Tensor:
@@ -215,9 +218,9 @@ class FastMlpCritic:
         :return: The loss and one gradient per parameter, in the order of ``self.params``
         """
         hidden = [features]
-        for layer, activation in zip(self.layers[:-1], self.activations):
+        for layer, tanh in zip(self.layers[:-1], self._tanh):
             pre = th.addmm(layer.bias, hidden[-1], layer.weight.t())
-            hidden.append(_tanh(pre) if isinstance(activation, nn.Tanh) else th.relu(pre))
+            hidden.append(_tanh(pre) if tanh else th.relu(pre))
         head = self.layers[-1]
         values = th.addmm(head.bias, hidden[-1], head.weight.t())
         error = values.squeeze(1) - returns
@@ -231,7 +234,7 @@ class FastMlpCritic:
             grads.append(delta.t().mm(inputs))  # weight
             if index > 0:
                 upstream = delta.mm(layer.weight)
-                if isinstance(self.activations[index - 1], nn.Tanh):
+                if self._tanh[index - 1]:
                     delta = th.ops.aten.tanh_backward(upstream, inputs)  # upstream * (1 - tanh^2)
                 else:
                     delta = th.ops.aten.threshold_backward(upstream, inputs, 0.0)  # upstream * (relu > 0)
@@ -273,6 +276,23 @@ class FastMlpCritic:
         grads.reverse()  # -> (w0, b0, w1, b1, ...), the order of self.params
         return error, grads
 
+    @staticmethod
+    def _minibatches(features: Batch, returns: Batch, batch_size: int, n_epochs: int) -> Iterator[tuple[Batch, Batch]]:
+        """
+        ``n_epochs`` passes over the data in minibatches of ``batch_size``, each pass in the order of a permutation
+        drawn from torch's generator (the same draws for tensors and NumPy arrays); one gather per pass, the
+        minibatches are then contiguous slices of the shuffled data.
+        """
+        n_samples = returns.shape[0]
+        for _ in range(n_epochs):
+            if isinstance(returns, th.Tensor):
+                permutation: Any = th.randperm(n_samples, device=returns.device)
+            else:
+                permutation = th.randperm(n_samples).numpy()
+            shuffled_features, shuffled_returns = features[permutation], returns[permutation]
+            for start in range(0, n_samples, batch_size):
+                yield shuffled_features[start : start + batch_size], shuffled_returns[start : start + batch_size]
+
     def _use_numpy(self, features: th.Tensor, returns: th.Tensor, batch_size: int) -> bool:
         """Whether :meth:`fit` runs the NumPy passes (see :attr:`numpy_on_cpu`)."""
         if not self.numpy_on_cpu or features.device.type != "cpu" or returns.device.type != "cpu":
@@ -289,19 +309,12 @@ class FastMlpCritic:
         biases = [layer.bias.detach().numpy() for layer in self.layers]
         all_features = np.ascontiguousarray(features.detach().numpy(), dtype=np.float32)
         all_returns = np.ascontiguousarray(returns.detach().numpy(), dtype=np.float32)
-        n_samples = all_returns.shape[0]
         errors = []
         with single_threaded_blas(), np.errstate(all="ignore"):  # NumPy silent on overflow, as torch is
-            for _ in range(n_epochs):
-                permutation = th.randperm(n_samples, device=returns.device).numpy()
-                shuffled_features, shuffled_returns = all_features[permutation], all_returns[permutation]
-                for start in range(0, n_samples, batch_size):
-                    end = start + batch_size
-                    error, grads = self.numpy_loss_and_gradients(
-                        shuffled_features[start:end], shuffled_returns[start:end], weights, biases
-                    )
-                    adam.step([th.from_numpy(grad) for grad in grads], state)
-                    errors.append(error)
+            for batch_features, batch_returns in self._minibatches(all_features, all_returns, batch_size, n_epochs):
+                error, grads = self.numpy_loss_and_gradients(batch_features, batch_returns, weights, biases)
+                adam.step([th.from_numpy(grad) for grad in grads], state)
+                errors.append(error)
             return [float(np.mean(np.square(error))) for error in errors]
 
     @th.no_grad()
@@ -319,15 +332,9 @@ class FastMlpCritic:
         if self._use_numpy(features, returns, batch_size):
             return self._fit_numpy(features, returns, batch_size, n_epochs, adam)
         state = adam.state()
-        n_samples = returns.shape[0]
         losses = []
-        for _ in range(n_epochs):
-            # One gather per epoch; the minibatches are then contiguous slices of the shuffled data
-            permutation = th.randperm(n_samples, device=returns.device)
-            shuffled_features, shuffled_returns = features[permutation], returns[permutation]
-            for start in range(0, n_samples, batch_size):
-                end = start + batch_size
-                loss, grads = self.loss_and_gradients(shuffled_features[start:end], shuffled_returns[start:end])
-                adam.step(grads, state)
-                losses.append(loss)
+        for batch_features, batch_returns in self._minibatches(features, returns, batch_size, n_epochs):
+            loss, grads = self.loss_and_gradients(batch_features, batch_returns)
+            adam.step(grads, state)
+            losses.append(loss)
         return [float(x) for x in th.stack(losses).tolist()] if losses else []
