@@ -27,6 +27,15 @@ BAD_HYPERPARAMETERS = [
     ("gae_lambda", 1.5, "[0, 1]"),
     ("gae_lambda", -0.5, "[0, 1]"),
     ("n_steps", 0, ">= 1"),
+    # integer hyperparameters reject fractions (they would fail inside train(), after a whole rollout) and None
+    ("batch_size", 32.5, "an integer >= 1"),
+    ("n_steps", 64.5, "an integer >= 1"),
+    ("cg_max_steps", 3.5, "an integer >= 1"),
+    ("line_search_max_iter", 2.5, "an integer >= 1"),
+    ("n_critic_updates", 1.5, "an integer >= 0"),
+    ("sub_sampling_factor", 1.5, "an integer >= 1"),
+    ("batch_size", None, "an integer >= 1"),
+    ("target_kl", None, "> 0"),
 ]
 
 
@@ -38,6 +47,21 @@ def test_invalid_hyperparameter_names_parameter_value_and_range(name: str, value
     assert name in message
     assert repr(value) in message
     assert valid_range in message
+
+
+@pytest.mark.parametrize(
+    "hyperparameters",
+    [
+        {"gamma": np.float32(0.99), "gae_lambda": np.float32(0.9), "target_kl": np.float32(0.02)},
+        {"cg_damping": np.float16(0.1), "line_search_shrinking_factor": np.float64(0.8)},
+        {"n_steps": np.int64(32), "batch_size": np.int32(16), "cg_max_steps": np.int16(5), "n_critic_updates": np.uint8(2)},
+    ],
+)
+def test_numpy_scalar_hyperparameters_are_accepted_and_train(hyperparameters: dict) -> None:
+    # Values read from arrays, configuration files or optimisers are NumPy scalars; sb3-contrib accepts them too
+    model = TRPO("MlpPolicy", "CartPole-v1", **{"n_steps": 32, "batch_size": 16, **hyperparameters})
+    model.learn(64)
+    assert model.num_timesteps == 64
 
 
 def test_single_sample_buffer_with_advantage_normalisation_is_rejected() -> None:

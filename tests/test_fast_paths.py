@@ -6,12 +6,16 @@ import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecNormalize
+from torch.nn import functional as F
 
 from sb3_trpo_ext import TRPO
 from sb3_trpo_ext.common.critic import FastMlpCritic, FusedAdam
 from sb3_trpo_ext.common.lean_policy import make_lean_policy_step
+from sb3_trpo_ext.common.mlp_fisher import MlpFisher
 from tests.test_invariants import ConfusinglyNamedPolicy
 
 FIELDS = ["observations", "actions", "log_probs", "values", "rewards", "episode_starts", "advantages", "returns"]
@@ -269,3 +273,76 @@ def test_lean_paths_respect_image_normalisation_with_mlp_policy() -> None:
         assert th.equal(value, generic.policy.state_dict()[name]), name
     assert lean._mlp_fisher is False  # the written-out product assumes float-cast observations only
     assert MlpFisher.build(lean.policy, lean.observation_space, False, lean._split_parameters(th.zeros(1, 8, 8, 1))[0]) is None
+
+
+class ScaledValuePolicy(ActorCriticPolicy):
+    """A user subclass whose value and action distribution differ from what its modules alone compute."""
+
+    def predict_values(self, obs: th.Tensor) -> th.Tensor:  # type: ignore[override]
+        return 10.0 * super().predict_values(obs)
+
+    def _get_action_dist_from_latent(self, latent_pi: th.Tensor) -> Distribution:
+        distribution = super()._get_action_dist_from_latent(latent_pi)
+        distribution.distribution = th.distributions.Normal(
+            distribution.distribution.mean * 3.0, distribution.distribution.stddev
+        )
+        return distribution
+
+
+def test_policy_subclasses_take_the_generic_fisher_product_and_critic_fit() -> None:
+    # The specialised paths write out the forward pass of SB3's own classes; a subclass may override it
+    model = TRPO(ScaledValuePolicy, "Pendulum-v1", n_steps=256, batch_size=64, n_critic_updates=30, seed=0)
+    model.learn(256)
+    assert model._mlp_fisher is False and model._fast_critic is False
+    # The critic regression fits the values the subclass predicts
+    data = next(model.rollout_buffer.get(batch_size=None))
+    with th.no_grad():
+        before = F.mse_loss(model.policy.predict_values(data.observations).flatten(), data.returns).item()
+    model._critic_regression(data.observations, data.returns)
+    with th.no_grad():
+        after = F.mse_loss(model.policy.predict_values(data.observations).flatten(), data.returns).item()
+    assert after < 0.8 * before  # (the written-out fit, which ignores the override, makes it about 10x worse)
+    standard = TRPO("MlpPolicy", "Pendulum-v1", n_steps=256, batch_size=64)
+    standard.learn(256)
+    assert isinstance(standard._mlp_fisher, MlpFisher) and isinstance(standard._fast_critic, FastMlpCritic)
+
+
+def _policy_params(policy: th.nn.Module) -> list[th.Tensor]:
+    return [p.detach().clone() for p in policy.parameters()]
+
+
+def test_a_policy_replaced_between_learn_calls_is_the_one_trained() -> None:
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=128, batch_size=64, seed=0)
+    model.learn(128)
+    old_policy = model.policy
+    model.policy = model.policy_class(model.observation_space, model.action_space, model.lr_schedule, **model.policy_kwargs)
+    old_before, new_before = _policy_params(old_policy), _policy_params(model.policy)
+    model.learn(128, reset_num_timesteps=False)
+    assert all(th.equal(a, b) for a, b in zip(old_before, old_policy.parameters()))
+    critic = model.policy.value_net.weight
+    assert not th.equal(critic.detach(), new_before[[p is critic for p in model.policy.parameters()].index(True)])
+
+
+def test_a_replaced_optimizer_is_the_one_the_critic_uses() -> None:
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=128, batch_size=64, seed=0)
+    model.learn(128)
+    model.policy.optimizer = th.optim.Adam(model.policy.parameters(), lr=0.0)
+    model.learning_rate = 0.0
+    model._setup_lr_schedule()
+    value_net = [p.detach().clone() for p in model.policy.mlp_extractor.value_net.parameters()]
+    model.learn(128, reset_num_timesteps=False)
+    assert all(th.equal(a, b) for a, b in zip(value_net, model.policy.mlp_extractor.value_net.parameters()))
+
+
+def test_layers_frozen_between_learn_calls_stay_frozen_and_the_rest_trains() -> None:
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=128, batch_size=64, seed=0)
+    model.learn(128)
+    frozen = list(model.policy.mlp_extractor.policy_net.parameters())
+    for p in frozen:
+        p.requires_grad_(False)
+    before = [p.clone() for p in frozen]
+    critic_before = model.policy.value_net.weight.detach().clone()
+    model.learn(256, reset_num_timesteps=False)
+    assert all(th.equal(a, b) for a, b in zip(before, frozen))
+    assert not th.equal(critic_before, model.policy.value_net.weight.detach())
+    assert not any(p is q for p in frozen for q in model._actor_params or [])

@@ -254,6 +254,39 @@ def test_a_multidiscrete_mask_with_an_empty_component_raises() -> None:
         model.predict(model.observation_space.sample(), action_masks=mask)
 
 
+class PerComponentMasks(gym.Env):
+    """MultiDiscrete([3, 3]) whose ``action_masks()`` has one row per component, a layout sb3-contrib accepts."""
+
+    observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)
+    action_space = gym.spaces.MultiDiscrete([3, 3])
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple:
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def action_masks(self) -> np.ndarray:
+        return np.array([[True, False, True], [False, False, True]])  # first component 0 or 2, second only 2
+
+    def step(self, action: np.ndarray) -> tuple:
+        assert action[0] in (0, 2) and action[1] == 2, f"invalid action {action}"
+        return self.observation_space.sample(), 1.0, False, False, {}
+
+
+def test_masks_with_one_row_per_component_are_read_as_sb3_contrib_reads_them() -> None:
+    model = MaskableTRPO("MlpPolicy", make_vec_env(PerComponentMasks, n_envs=2), n_steps=32, batch_size=32, seed=0)
+    model.learn(256)  # the environment asserts that every action is valid
+    env = PerComponentMasks()
+    observations = np.stack([env.observation_space.sample() for _ in range(50)])
+    actions, _ = model.predict(observations, action_masks=np.stack([env.action_masks()] * 50))
+    assert set(actions[:, 0]) <= {0, 2} and set(actions[:, 1]) == {2}
+
+
+def test_masks_of_the_wrong_size_raise_naming_the_expected_length() -> None:
+    model = MaskableTRPO("MlpPolicy", make_masked_env("multidiscrete"), n_steps=16, batch_size=16, policy_kwargs=TINY)
+    with pytest.raises(ValueError, match="expected 7 entries per environment"):
+        model.predict(model.observation_space.sample(), action_masks=np.ones(6, dtype=bool))
+
+
 def test_masks_from_the_action_masker_wrapper() -> None:
     def only_action_zero_or_one(env: gym.Env) -> list[bool]:
         return [True, True, False, False, False]

@@ -38,26 +38,32 @@ def mask_component_sizes(action_space: spaces.Space) -> list[int]:
     )
 
 
-def check_action_masks(masks: np.ndarray | th.Tensor | Sequence[bool], action_space: spaces.Space) -> np.ndarray:
+def check_action_masks(
+    masks: np.ndarray | th.Tensor | Sequence[bool], action_space: spaces.Space, n_envs: int | None = None
+) -> np.ndarray:
     """
     Check that every environment's mask has the right length and leaves at least one valid outcome in every
     action component.
 
-    :param masks: Masks of one environment (1-D) or of ``n_envs`` environments (2-D, one row per environment)
+    :param masks: Masks of one environment or of ``n_envs`` environments, in any layout whose last axes hold
+        ``mask_length`` entries per environment (for ``MultiDiscrete``, one row per component is accepted too when
+        the components have equal sizes), as sb3-contrib reads them: they are viewed as ``(-1, mask_length)``
     :param action_space: The action space the masks apply to
+    :param n_envs: The number of environments the masks must cover (not checked if None)
     :return: The masks as a boolean array of shape ``(n_envs, mask_length)``
-    :raises ValueError: naming the environment index (and the component) whose mask has no valid action
+    :raises ValueError: naming the environment index (and the component) whose mask has no valid action, or
+        when the masks' size does not fit the action space or the number of environments
     """
     sizes = mask_component_sizes(action_space)
+    length = sum(sizes)
     array = masks.detach().cpu().numpy() if isinstance(masks, th.Tensor) else np.asarray(masks)
     array = array if array.dtype == np.bool_ else array.astype(bool)
-    if array.ndim == 1:
-        array = array[None]
-    if array.ndim != 2 or array.shape[1] != sum(sizes):
+    if array.size == 0 or array.size % length != 0 or (n_envs is not None and array.size != n_envs * length):
+        expected = f"{length} entries per environment" + (f" for {n_envs} environments" if n_envs is not None else "")
         raise ValueError(
-            f"Action masks of shape {np.asarray(masks).shape} do not fit the action space {action_space}: "
-            f"expected {sum(sizes)} entries per environment"
+            f"Action masks of shape {np.asarray(masks).shape} do not fit the action space {action_space}: expected {expected}"
         )
+    array = array.reshape(-1, length)
     if len(sizes) == 1 and array.any(axis=1).all():  # the common case, checked in one pass
         return array
     offsets = np.cumsum([0, *sizes])

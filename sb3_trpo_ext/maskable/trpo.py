@@ -82,6 +82,7 @@ class MaskableTRPO(TRPO):
         "CnnPolicy": CnnPolicy,
         "MultiInputPolicy": MultiInputPolicy,
     }
+    _standard_policy_classes: ClassVar[tuple[type[BasePolicy], ...]] = (MlpPolicy, CnnPolicy, MultiInputPolicy)
     policy: MaskableActorCriticPolicy  # type: ignore[assignment]
     rollout_buffer: MaskableRolloutBuffer
 
@@ -185,7 +186,7 @@ class MaskableTRPO(TRPO):
     # ----------------------------------------------------------------------------------------------------------
     def _current_action_masks(self, env: VecEnv) -> np.ndarray:
         """The masks of every environment for its current state, checked (an empty mask raises)."""
-        return check_action_masks(get_action_masks(env), self.action_space)
+        return check_action_masks(get_action_masks(env), self.action_space, env.num_envs)
 
     def _lean_masked_step(self) -> Callable[[PyTorchObs, np.ndarray | None], tuple[np.ndarray, th.Tensor, th.Tensor]]:
         """

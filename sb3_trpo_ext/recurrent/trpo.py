@@ -165,6 +165,7 @@ class RecurrentTRPO(TRPO):
         "CnnLstmPolicy": CnnLstmPolicy,
         "MultiInputLstmPolicy": MultiInputLstmPolicy,
     }
+    _standard_policy_classes: ClassVar[tuple[type[BasePolicy], ...]] = (MlpLstmPolicy, CnnLstmPolicy, MultiInputLstmPolicy)
     policy: RecurrentActorCriticPolicy
     rollout_buffer: RecurrentRolloutBuffer
 
@@ -256,6 +257,9 @@ class RecurrentTRPO(TRPO):
         )
         # The sequences of the batch under update (set by train() for the policy step and the critic regression)
         self._sequences: SequenceBatch | None = None
+
+    def _reset_parameter_caches(self) -> None:
+        super()._reset_parameter_caches()
         # Whether J v by forward-mode differentiation works for this policy (None: not tried yet)
         self._forward_mode_jvp: bool | None = None
 
@@ -517,6 +521,7 @@ class RecurrentTRPO(TRPO):
 
     def train(self) -> None:
         """Update the recurrent policy (one trust-region step) and the critic on the rollout buffer's sequences."""
+        self._refresh_parameter_caches()
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
 

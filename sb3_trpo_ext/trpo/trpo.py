@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -155,6 +156,8 @@ class TRPO(OnPolicyAlgorithm):
         "CnnPolicy": CnnPolicy,
         "MultiInputPolicy": MultiInputPolicy,
     }
+    #: Policy classes whose forward passes the specialised Fisher product and critic fit reproduce (subclasses excluded)
+    _standard_policy_classes: ClassVar[tuple[type[BasePolicy], ...]] = (MlpPolicy, CnnPolicy, MultiInputPolicy)
     policy: ActorCriticPolicy
     rollout_buffer: RolloutBuffer
 
@@ -281,14 +284,17 @@ class TRPO(OnPolicyAlgorithm):
     ) -> None:
         """Raise a ``ValueError`` naming the first invalid hyperparameter, its value and the valid range."""
 
-        def finite(x: float) -> bool:
-            return isinstance(x, (int, float)) and math.isfinite(x)
+        def finite(x: float) -> bool:  # any real number (Python or NumPy), not a bool
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
-        _check_range("n_steps", n_steps, n_steps >= 1, "an integer >= 1")
-        _check_range("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
+        def integer(x: int, low: int) -> bool:  # an int or NumPy integer, not a bool or an integral float
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= low
+
+        _check_range("n_steps", n_steps, integer(n_steps, 1), "an integer >= 1")
+        _check_range("batch_size", batch_size, integer(batch_size, 1), "an integer >= 1")
         _check_range("gamma", gamma, finite(gamma) and 0.0 <= gamma <= 1.0, "in [0, 1]")
         _check_range("gae_lambda", gae_lambda, finite(gae_lambda) and 0.0 <= gae_lambda <= 1.0, "in [0, 1]")
-        _check_range("cg_max_steps", cg_max_steps, cg_max_steps >= 1, "an integer >= 1")
+        _check_range("cg_max_steps", cg_max_steps, integer(cg_max_steps, 1), "an integer >= 1")
         _check_range("cg_damping", cg_damping, finite(cg_damping) and cg_damping >= 0.0, "a finite number >= 0")
         _check_range("cg_residual_tol", cg_residual_tol, finite(cg_residual_tol) and cg_residual_tol >= 0.0, ">= 0")
         _check_range(
@@ -297,10 +303,10 @@ class TRPO(OnPolicyAlgorithm):
             finite(line_search_shrinking_factor) and 0.0 < line_search_shrinking_factor < 1.0,
             "in the open interval (0, 1)",
         )
-        _check_range("line_search_max_iter", line_search_max_iter, line_search_max_iter >= 1, "an integer >= 1")
-        _check_range("n_critic_updates", n_critic_updates, n_critic_updates >= 0, "an integer >= 0")
+        _check_range("line_search_max_iter", line_search_max_iter, integer(line_search_max_iter, 1), "an integer >= 1")
+        _check_range("n_critic_updates", n_critic_updates, integer(n_critic_updates, 0), "an integer >= 0")
         _check_range("target_kl", target_kl, finite(target_kl) and target_kl > 0.0, "a finite number > 0")
-        _check_range("sub_sampling_factor", sub_sampling_factor, sub_sampling_factor >= 1, "an integer >= 1")
+        _check_range("sub_sampling_factor", sub_sampling_factor, integer(sub_sampling_factor, 1), "an integer >= 1")
 
     @staticmethod
     def _check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
@@ -396,11 +402,44 @@ class TRPO(OnPolicyAlgorithm):
     # ----------------------------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
         super()._setup_model()
+        self._reset_parameter_caches()
+
+    def _reset_parameter_caches(self) -> None:
+        """Forget the actor/critic split and the specialised products built for the current policy."""
         self._actor_params: list[th.nn.Parameter] | None = None
         self._critic_params: list[th.nn.Parameter] | None = None
         # None: not decided yet; False: the generic autograd path is used
         self._fast_critic: FastMlpCritic | bool | None = None
         self._mlp_fisher: MlpFisher | bool | None = None
+        self._cached_for: tuple[Any, ...] | None = None
+
+    def _refresh_parameter_caches(self) -> None:
+        """
+        Drop the caches of :meth:`_split_parameters`, :class:`MlpFisher` and :class:`FastMlpCritic` when what they
+        were built from has changed since the last update: the policy object, its optimizer, its parameters or which
+        of them require gradients (a user may replace ``model.policy`` or its optimizer, or freeze layers, between
+        two calls to ``learn``). The key holds the objects themselves, compared by identity.
+        """
+        params = tuple(self.policy.parameters())
+        key = (self.policy, self.policy.optimizer, params, tuple(p.requires_grad for p in params))
+        cached = self._cached_for
+        if cached is None or not (
+            cached[0] is key[0]
+            and cached[1] is key[1]
+            and len(cached[2]) == len(params)
+            and all(a is b for a, b in zip(cached[2], params))
+            and cached[3] == key[3]
+        ):
+            self._reset_parameter_caches()
+            self._cached_for = key
+
+    def _uses_standard_policy(self) -> bool:
+        """
+        Whether the policy is exactly one of the classes whose forward passes the specialised paths
+        (:class:`MlpFisher`, :class:`FastMlpCritic`) write out. A subclass may override any of its methods
+        (``predict_values``, ``_get_action_dist_from_latent``, ...), so it always takes the generic autograd path.
+        """
+        return type(self.policy) in self._standard_policy_classes
 
     def _split_parameters(self, observations: PyTorchObs) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
         """Actor and critic parameters of the current policy, found once by structure (see the class docstring)."""
@@ -441,7 +480,8 @@ class TRPO(OnPolicyAlgorithm):
         :return: The function computing the damped Fisher-vector product of a flat vector
         """
         if self._mlp_fisher is None:
-            built = MlpFisher.build(self.policy, self.observation_space, self.use_sde, params)
+            standard = self._uses_standard_policy()
+            built = MlpFisher.build(self.policy, self.observation_space, self.use_sde, params) if standard else None
             self._mlp_fisher = built if built is not None else False
         if isinstance(self._mlp_fisher, MlpFisher) and isinstance(observations, th.Tensor):
             # The same product written out for the standard MLP actor (tested against the generic one)
@@ -561,7 +601,11 @@ class TRPO(OnPolicyAlgorithm):
         if not critic_params or self.n_critic_updates == 0:
             return losses
         if self._fast_critic is None:
-            fast = FastMlpCritic.build(self.policy.mlp_extractor, self.policy.value_net, critic_params, optimizer)
+            fast = (
+                FastMlpCritic.build(self.policy.mlp_extractor, self.policy.value_net, critic_params, optimizer)
+                if self._uses_standard_policy()
+                else None
+            )
             self._fast_critic = fast if fast is not None else False
         if isinstance(self._fast_critic, FastMlpCritic):
             # The critic's input features do not depend on critic parameters: compute them once for all epochs
@@ -595,6 +639,7 @@ class TRPO(OnPolicyAlgorithm):
 
     def train(self) -> None:
         """Update the policy (one trust-region step) and the critic on the rollout buffer."""
+        self._refresh_parameter_caches()
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
 
@@ -693,4 +738,11 @@ class TRPO(OnPolicyAlgorithm):
         )
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_actor_params", "_critic_params", "_fast_critic", "_mlp_fisher"]
+        return [
+            *super()._excluded_save_params(),
+            "_actor_params",
+            "_critic_params",
+            "_fast_critic",
+            "_mlp_fisher",
+            "_cached_for",
+        ]
