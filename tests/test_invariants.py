@@ -100,6 +100,7 @@ def test_failed_line_search_is_logged_as_a_failure_not_as_zero_kl() -> None:
     values = model.logger.name_to_value
     assert values["train/line_search_success"] == 0.0
     assert "train/kl" not in values
+    assert values["train/is_line_search_success"] == 0.0 and "train/kl_divergence_loss" not in values  # sb3-contrib's keys
     assert values["train/surrogate_after"] == values["train/surrogate_before"]
     assert bit_identical(params, snapshot)
 
@@ -226,6 +227,7 @@ def test_degenerate_conjugate_gradient_direction_skips_the_policy_step() -> None
     assert values["train/policy_step_skipped"] == 1.0
     assert values["train/line_search_success"] == 0.0
     assert "train/kl" not in values
+    assert values["train/is_line_search_success"] == 0.0 and "train/kl_divergence_loss" not in values  # sb3-contrib's keys
     assert math.isfinite(values["train/value_loss"])  # the critic still learns from a finite batch
 
 

@@ -22,6 +22,7 @@ from stable_baselines3.common.utils import explained_variance, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
+from sb3_trpo_ext.common.contrib_compat import kl_dimension_factor
 from sb3_trpo_ext.common.critic import FastMlpCritic, optimizer_update
 from sb3_trpo_ext.common.lean_policy import PolicyStep, make_buffer_add, make_lean_noise_reset, make_lean_policy_step
 from sb3_trpo_ext.common.mlp_fisher import MlpFisher
@@ -705,6 +706,13 @@ class TRPO(OnPolicyAlgorithm):
         )
         if stats.std is not None:
             record("train/std", stats.std)
+        # sb3-contrib's keys with sb3-contrib's meanings, so that dashboards and callbacks written for it keep working.
+        # Its KL is averaged over the dimensions of Box and MultiBinary actions (see from_sb3_contrib); a rejected
+        # step has no KL, and is not logged as 0.
+        record("train/policy_objective", stats.surrogate_after)
+        record("train/is_line_search_success", float(stats.accepted))
+        if stats.kl is not None:
+            record("train/kl_divergence_loss", stats.kl / kl_dimension_factor(self.action_space))
 
     def learn(
         self: SelfTRPO,
