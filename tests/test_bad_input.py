@@ -36,6 +36,9 @@ BAD_HYPERPARAMETERS = [
     ("sub_sampling_factor", 1.5, "an integer >= 1"),
     ("batch_size", None, "an integer >= 1"),
     ("target_kl", None, "> 0"),
+    ("learning_rate", -1e-3, ">= 0, or a schedule"),
+    ("learning_rate", float("inf"), ">= 0, or a schedule"),
+    ("learning_rate", "0.001", ">= 0, or a schedule"),
 ]
 
 

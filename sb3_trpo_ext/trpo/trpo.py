@@ -193,6 +193,7 @@ class TRPO(OnPolicyAlgorithm):
         cg_residual_tol: float = 1e-10,
     ):
         self._validate_hyperparameters(
+            learning_rate=learning_rate,
             n_steps=n_steps,
             batch_size=batch_size,
             gamma=gamma,
@@ -270,6 +271,7 @@ class TRPO(OnPolicyAlgorithm):
     @staticmethod
     def _validate_hyperparameters(
         *,
+        learning_rate: float | Schedule,
         n_steps: int,
         batch_size: int,
         gamma: float,
@@ -291,6 +293,9 @@ class TRPO(OnPolicyAlgorithm):
         def integer(x: int, low: int) -> bool:  # an int or NumPy integer, not a bool or an integral float
             return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= low
 
+        if not callable(learning_rate):
+            valid = finite(learning_rate) and learning_rate >= 0.0
+            _check_range("learning_rate", learning_rate, valid, "a finite number >= 0, or a schedule (a callable)")
         _check_range("n_steps", n_steps, integer(n_steps, 1), "an integer >= 1")
         _check_range("batch_size", batch_size, integer(batch_size, 1), "an integer >= 1")
         _check_range("gamma", gamma, finite(gamma) and 0.0 <= gamma <= 1.0, "in [0, 1]")
