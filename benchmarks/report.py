@@ -338,6 +338,42 @@ def matched_table(results: dict[tuple[str, str], list[dict[str, Any]]], envs: tu
     )
 
 
+def recheck_table(results: dict[tuple[str, str], list[dict[str, Any]]], results_root: Path) -> str:
+    """
+    Cells re-run with later code (the folders ``returns?*`` beside ``returns/``, e.g. after a change of rounding),
+    beside the campaign's cells on the same seeds.
+
+    :param results: the campaign's loaded results.
+    :param results_root: the folder holding ``returns/`` and the re-run folders.
+    :return: Markdown (empty when there is no re-run).
+    """
+    lines = []
+    for folder in sorted(path for path in results_root.glob("returns?*") if path.is_dir()):
+        for (impl, env_id), runs in sorted(load_returns(folder).items()):
+            seeds = [run["seed"] for run in runs]
+            versions = [run.get("versions", {}) for run in runs]
+            commits = sorted(
+                {f"{v.get('git_commit') or '?'} (sources {v.get('sb3_trpo_ext_sources_sha256', '?')[:8]})" for v in versions}
+            )
+            cells = [f"{np.mean([r['final_return'] for r in runs]):.1f} ± {np.std([r['final_return'] for r in runs]):.1f}"]
+            for reference in (impl, IMPLS[1]):
+                finals = [run["final_return"] for run in results.get((reference, env_id), []) if run["seed"] in seeds]
+                cells.append(f"{np.mean(finals):.1f} ± {np.std(finals):.1f}" if finals else "missing")
+            lines.append(
+                f"| `{folder.name}/` | {env_id} | {impl} | {', '.join(commits)} | {' '.join(map(str, seeds))} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    if not lines:
+        return ""
+    return (
+        "\n\nRe-runs with later code (final return, mean ± std over the same seeds), beside the campaign's cells of the "
+        "same implementation and sb3-contrib's:\n\n"
+        "| folder | environment | implementation | commit (sources) | seeds | re-run | campaign | sb3_contrib |\n"
+        "|---|---|---|---|---|---:|---:|---:|\n" + "\n".join(lines)
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Speed
 # ---------------------------------------------------------------------------------------------------------------------
@@ -472,16 +508,19 @@ def speed_table(speed: dict[str, dict[str, Any]], run_name: str | None, figures_
             "environments, `Monitor`, `VecNormalize`: the same code for both), inside `train()`, and the rest "
             "(policy forward pass, rollout buffer, callbacks, GAE). The ceiling is the learn() speed-up "
             "sb3_trpo_ext would reach if its rest cost nothing: sb3_contrib's total / (sb3_trpo_ext's env step "
-            "+ train()).",
+            "+ train()). The rest a 2.5x learn() speed-up would leave: sb3_contrib's total / 2.5 - (sb3_trpo_ext's "
+            "env step + train()), negative where 2.5x is out of reach.",
             "",
-            "| environment | env step (ext / contrib) | train() (ext / contrib) | rest (ext / contrib) | ceiling |",
-            "|---|---:|---:|---:|---:|",
+            "| environment | env step (ext / contrib) | train() (ext / contrib) | rest (ext / contrib) | ceiling "
+            "| rest left at 2.5x |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for env_id, entry in breakdown.items():
             ext, contrib = entry["sb3_trpo_ext"], entry["sb3_contrib"]
             cells = [f"{ext[key]:.0f} / {contrib[key]:.0f}" for key in ("env_us", "train_us", "other_us")]
             ceiling = contrib["us_per_step"] / (ext["env_us"] + ext["train_us"])
-            lines.append(f"| {env_id} | {cells[0]} | {cells[1]} | {cells[2]} | {ceiling:.2f}x |")
+            left = contrib["us_per_step"] / 2.5 - (ext["env_us"] + ext["train_us"])
+            lines.append(f"| {env_id} | {cells[0]} | {cells[1]} | {cells[2]} | {ceiling:.2f}x | {left:.0f} |")
     floor = floor_summary(learn["rows"], speed["floor"]["rows"]) if "floor" in speed else None
     if floor is None:
         lines += ["", "Floor ratio: missing."]
@@ -584,9 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     readme = replace_between_markers(readme, SPEED_MARKERS, speed_md)
     if BEYOND_MARKERS[0] in readme:
         readme = replace_between_markers(readme, BEYOND_MARKERS, beyond_table(latest_beyond_run(args.results / "beyond")))
-    readme = replace_between_markers(
-        readme, RETURNS_MARKERS, returns_table(results, tuple(args.envs), args.n_seeds, figures_link)
-    )
+    returns_md = returns_table(results, tuple(args.envs), args.n_seeds, figures_link)
+    readme = replace_between_markers(readme, RETURNS_MARKERS, returns_md + recheck_table(results, args.results))
     args.readme.write_text(readme)
     n_runs = sum(len(runs) for runs in results.values())
     print(f"{n_runs} returns results, speed run {run_dir}; wrote {len(written)} figures and {args.readme}")
