@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,12 +91,15 @@ class ZooAlgorithm:
         exist (yet) is not registered.
     :param sampler: the Optuna sampler, with the signature of the zoo's ``HYPERPARAMS_SAMPLER`` values.
     :param converter: turns stored trial parameters into constructor arguments (the zoo's ``HYPERPARAMS_CONVERTER``).
+    :param masked_evaluation: whether the zoo's periodic evaluation (``--eval-freq``) must pass the evaluation
+        environment's action masks to ``predict``, through sb3-contrib's ``MaskableEvalCallback``.
     """
 
     key: str
     class_name: str
     sampler: Callable[[optuna.Trial, int, int, dict[str, Any]], dict[str, Any]] = sample_trpo_ext_params
     converter: Callable[[dict[str, Any]], dict[str, Any]] = convert_trpo_ext_params
+    masked_evaluation: bool = False
 
     @property
     def hyperparams_file(self) -> Path:
@@ -106,7 +110,7 @@ class ZooAlgorithm:
 #: Every key this package may register; adding an algorithm to the zoo is one line here.
 ZOO_ALGORITHMS: tuple[ZooAlgorithm, ...] = (
     ZooAlgorithm("trpo_ext", "TRPO"),
-    ZooAlgorithm("trpo_ext_mask", "MaskableTRPO"),
+    ZooAlgorithm("trpo_ext_mask", "MaskableTRPO", masked_evaluation=True),
     ZooAlgorithm("trpo_ext_lstm", "RecurrentTRPO"),
 )
 
@@ -161,7 +165,8 @@ def _register_samplers(hyperparams_opt: ModuleType) -> None:
 
 def _patch_experiment_manager(exp_manager: ModuleType) -> None:
     """
-    Make ``ExperimentManager`` read the packaged hyperparameter file of this package's keys.
+    Make ``ExperimentManager`` read the packaged hyperparameter file of this package's keys, and evaluate the
+    masked algorithm with its action masks.
 
     Without ``--conf-file`` the zoo reads ``rl_zoo3/hyperparams/<algo>.yml``, which does not exist for our keys.
     The wrapped constructor points ``self.config`` at :func:`hyperparams_file` instead, only for our keys and only
@@ -182,8 +187,49 @@ def _patch_experiment_manager(exp_manager: ModuleType) -> None:
         if packaged is not None and signature.bind(self, *args, **kwargs).arguments.get("config") is None:
             self.config = str(packaged)
 
+    original_create_callbacks = manager_class.create_callbacks
+
+    @functools.wraps(original_create_callbacks)
+    def create_callbacks(self: Any) -> None:
+        original_create_callbacks(self)
+        if any(row.key == self.algo and row.masked_evaluation for row in ZOO_ALGORITHMS):
+            self.callbacks = [_with_action_masks(callback) for callback in self.callbacks]
+
     setattr(__init__, _PATCH_MARKER, True)
     manager_class.__init__ = __init__
+    manager_class.create_callbacks = create_callbacks
+
+
+def _with_action_masks(callback: Any) -> Any:
+    """
+    The zoo's ``EvalCallback`` (built by ``ExperimentManager.create_callbacks``) as sb3-contrib's
+    ``MaskableEvalCallback`` with the same settings, so that evaluation episodes (and the best model kept on them)
+    use the evaluation environment's action masks, as training does; any other callback is returned unchanged.
+
+    :param callback: a callback of the experiment.
+    :return: the callback to use.
+    """
+    from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
+    from stable_baselines3.common.callbacks import EvalCallback
+
+    if type(callback) is not EvalCallback:
+        return callback
+    # EvalCallback stores <log_path>/evaluations; the constructor appends that part again
+    log_path = None if callback.log_path is None else os.path.dirname(callback.log_path)
+    return MaskableEvalCallback(
+        callback.eval_env,
+        callback_on_new_best=callback.callback_on_new_best,
+        callback_after_eval=callback.callback,  # EventCallback keeps it as .callback
+        n_eval_episodes=callback.n_eval_episodes,
+        eval_freq=callback.eval_freq,
+        log_path=log_path,
+        best_model_save_path=callback.best_model_save_path,
+        deterministic=callback.deterministic,
+        render=callback.render,
+        verbose=callback.verbose,
+        warn=callback.warn,
+        use_masking=True,
+    )
 
 
 _HANDLERS: dict[str, Callable[[ModuleType], None]] = {

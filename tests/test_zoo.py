@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -422,6 +423,7 @@ def test_mujoco_v5_with_progress_bar_and_seed(tmp_path: Path) -> None:
 
 MASKED_ENVS_MODULE = """
 import gymnasium as gym
+import numpy as np
 
 gym.register(
     "InvalidActionEnvDiscrete-v0",
@@ -429,6 +431,27 @@ gym.register(
     kwargs={"dim": 4, "n_invalid_actions": 2},
     max_episode_steps=50,
 )
+
+
+class OnlyLastActionValid(gym.Env):
+    # Raises on any action its mask forbids: an evaluation without masks fails.
+
+    observation_space = gym.spaces.Box(-1, 1, (2,))
+    action_space = gym.spaces.Discrete(5)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def action_masks(self):
+        return [False, False, False, False, True]
+
+    def step(self, action):
+        assert int(action) == 4, f"masked action {action} taken"
+        return self.observation_space.sample(), 1.0, False, False, {}
+
+
+gym.register("OnlyLastActionValid-v0", entry_point=OnlyLastActionValid, max_episode_steps=20)
 """
 
 
@@ -451,6 +474,22 @@ def test_train_the_other_keys(key: str, env_id: str, tmp_path: Path) -> None:
     run = tmp_path / saved_run(result.stdout)
     assert run.parent.name == key
     assert type(available_algorithms()[key].load(run / f"{env_id}.zip", device="cpu")) is available_algorithms()[key]
+
+
+@pytest.mark.slow
+def test_masked_key_evaluates_with_the_action_masks(tmp_path: Path) -> None:
+    # The zoo builds a plain EvalCallback; for trpo_ext_mask it must pass the masks, or this environment raises
+    (tmp_path / "masked_envs.py").write_text(MASKED_ENVS_MODULE)
+    result = zoo(
+        "python", "-m", "rl_zoo3.train", "--algo", "trpo_ext_mask", "--env", "OnlyLastActionValid-v0",
+        "--gym-packages", "masked_envs", "-n", "256", "--eval-freq", "64", "--eval-episodes", "2",
+        "-params", "n_steps:64", "batch_size:64", "n_envs:1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    run = tmp_path / saved_run(result.stdout)
+    evaluations = np.load(run / "evaluations.npz")
+    assert len(evaluations["timesteps"]) == 4
+    assert (evaluations["results"] == 20.0).all()  # every evaluation episode ran its 20 steps with the valid action
 
 
 def finished_trials(report_folder: Path, sampler: str) -> list[dict[str, str]]:
