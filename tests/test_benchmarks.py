@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from benchmarks.common import MATCHED, make_model, make_train_env, zoo_config
-from benchmarks.report import BEYOND_MARKERS, RETURNS_MARKERS, SPEED_MARKERS, iqm, replace_between_markers
+from benchmarks.report import (
+    BEYOND_MARKERS,
+    RETURNS_MARKERS,
+    SPEED_MARKERS,
+    iqm,
+    load_returns,
+    recheck_table,
+    replace_between_markers,
+)
 from sb3_trpo_ext import from_sb3_contrib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +46,28 @@ def test_replace_between_markers_keeps_everything_else() -> None:
     )
     with pytest.raises(ValueError):
         replace_between_markers("no markers", RETURNS_MARKERS, "new")
+
+
+def test_recheck_table_sets_re_runs_beside_the_campaign_on_the_same_seeds(tmp_path: Path) -> None:
+    def write(folder: str, impl: str, seed: int, final: float) -> None:
+        path = tmp_path / folder / impl / "CartPole-v1" / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        versions = {"git_commit": "abc1234", "sb3_trpo_ext_sources_sha256": "0123456789abcdef"}
+        result = {"impl": impl, "env_id": "CartPole-v1", "seed": seed, "final_return": final, "versions": versions}
+        path.write_text(json.dumps(result))
+
+    for seed, (ours, theirs) in enumerate([(500.0, 400.0), (300.0, 200.0), (100.0, 0.0)]):
+        write("returns", "sb3_trpo_ext", seed, ours)
+        write("returns", "sb3_contrib", seed, theirs)
+    write("returns_check_x", "sb3_trpo_ext", 0, 450.0)
+    write("returns_check_x", "sb3_trpo_ext", 1, 250.0)  # seed 2 not re-run: left out of both comparisons
+    table = recheck_table(load_returns(tmp_path / "returns"), tmp_path)
+    (row,) = [line for line in table.splitlines() if line.startswith("| `returns_check_x/`")]
+    assert row == (
+        "| `returns_check_x/` | CartPole-v1 | sb3_trpo_ext | abc1234 (sources 01234567) | 0 1 | 350.0 ± 100.0 "
+        "| 400.0 ± 100.0 | 300.0 ± 100.0 |"
+    )
+    assert recheck_table(load_returns(tmp_path / "returns"), tmp_path / "returns") == ""
 
 
 def test_translated_arm_gets_sb3_contrib_trust_region_and_the_others_the_zoo_numbers() -> None:
