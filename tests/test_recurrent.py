@@ -203,6 +203,15 @@ def test_rejects_a_feed_forward_policy() -> None:
         RecurrentTRPO(ActorCriticPolicy, make_env("box"), n_steps=16, batch_size=16)
 
 
+def test_rejects_a_rollout_buffer_it_would_not_use() -> None:
+    from stable_baselines3.common.buffers import RolloutBuffer
+
+    with pytest.raises(ValueError, match=r"rollout_buffer_class=.*RecurrentRolloutBuffer"):
+        RecurrentTRPO("MlpLstmPolicy", make_env("box"), n_steps=16, batch_size=16, rollout_buffer_class=RolloutBuffer)
+    with pytest.raises(ValueError, match="rollout_buffer_kwargs="):
+        RecurrentTRPO("MlpLstmPolicy", make_env("box"), n_steps=16, batch_size=16, rollout_buffer_kwargs={})
+
+
 def test_save_load_round_trip_and_load_in_recurrent_ppo(tmp_path: os.PathLike) -> None:
     model = only_collected("box", n_envs=1)
     model.train()

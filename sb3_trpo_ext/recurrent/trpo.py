@@ -143,9 +143,9 @@ class RecurrentTRPO(TRPO):
     :param gae_lambda: Factor for trade-off of bias vs variance for the Generalized Advantage Estimator
     :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
     :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE
-    :param rollout_buffer_class: Unused (the buffer is always sb3-contrib's ``RecurrentRolloutBuffer`` or its Dict
+    :param rollout_buffer_class: Must be None (the buffer is always sb3-contrib's ``RecurrentRolloutBuffer`` or its Dict
         version); kept for a signature identical to TRPO's
-    :param rollout_buffer_kwargs: Unused, likewise
+    :param rollout_buffer_kwargs: Must be None, likewise
     :param normalize_advantage: Whether to normalize the advantages (over the real steps of the batch)
     :param target_kl: Trust-region radius ``delta``: bound on the mean KL(old || new) over the real steps
     :param sub_sampling_factor: Use every k-th real step in the policy step (all steps still feed the LSTM)
@@ -199,6 +199,12 @@ class RecurrentTRPO(TRPO):
         _init_setup_model: bool = True,
         cg_residual_tol: float = 1e-10,
     ):
+        for name, value in (("rollout_buffer_class", rollout_buffer_class), ("rollout_buffer_kwargs", rollout_buffer_kwargs)):
+            if value is not None:
+                raise ValueError(
+                    f"Invalid hyperparameter {name}={value!r}: RecurrentTRPO always uses sb3-contrib's "
+                    "RecurrentRolloutBuffer (RecurrentDictRolloutBuffer for Dict observations); it must be None"
+                )
         super().__init__(
             policy,  # type: ignore[arg-type]
             env,
