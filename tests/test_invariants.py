@@ -231,6 +231,20 @@ def test_degenerate_conjugate_gradient_direction_skips_the_policy_step() -> None
     assert math.isfinite(values["train/value_loss"])  # the critic still learns from a finite batch
 
 
+def test_zero_gradient_skips_the_policy_step_naming_the_cause() -> None:
+    model = collected_model("box")
+    observations = buffer_batch(model)[0]
+    actor, _ = model._split_parameters(observations)
+    snapshot = parameters_snapshot(actor)
+    model.rollout_buffer.advantages[:] = 0.0  # nothing to improve
+    model.normalize_advantage = False
+    model.logger.dump()
+    with pytest.warns(RuntimeWarning, match="gradient is zero"):
+        model.train()
+    assert bit_identical(actor, snapshot)
+    assert model.logger.name_to_value["train/cg_iterations"] == 0
+
+
 def test_non_finite_gradient_skips_the_policy_step() -> None:
     model = collected_model("box")
     actor, _ = model._split_parameters(buffer_batch(model)[0])

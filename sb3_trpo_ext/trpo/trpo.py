@@ -578,7 +578,13 @@ class TRPO(OnPolicyAlgorithm):
         if all_finite([direction]) and cg.iterations > 0:
             step_size = maximal_step_size(direction, fvp(direction), self.target_kl)
         if not math.isfinite(step_size):
-            stats.skipped = "degenerate conjugate-gradient direction (x^T F x <= 0 or not finite)"
+            if cg.iterations == 0:  # CG stopped at x0 = 0: ||g||^2 <= cg_residual_tol
+                stats.skipped = (
+                    "the surrogate's gradient is zero (squared norm <= cg_residual_tol): there is no ascent direction, "
+                    "e.g. every sampled action was the only valid one, or every advantage is 0"
+                )
+            else:
+                stats.skipped = "degenerate conjugate-gradient direction (x^T F x <= 0 or not finite)"
             stats.surrogate_after = stats.surrogate_before
             return stats
         full_step = step_size * direction
