@@ -355,8 +355,9 @@ def recheck_table(results: dict[tuple[str, str], list[dict[str, Any]]], results_
             commits = sorted(
                 {f"{v.get('git_commit') or '?'} (sources {v.get('sb3_trpo_ext_sources_sha256', '?')[:8]})" for v in versions}
             )
-            cells = [f"{np.mean([r['final_return'] for r in runs]):.1f} ± {np.std([r['final_return'] for r in runs]):.1f}"]
-            for reference in (impl, IMPLS[1]):
+            rerun = [run["final_return"] for run in runs]
+            cells = [f"{np.mean(rerun):.1f} ± {np.std(rerun):.1f}"]
+            for reference in (impl, "sb3_contrib"):
                 finals = [run["final_return"] for run in results.get((reference, env_id), []) if run["seed"] in seeds]
                 cells.append(f"{np.mean(finals):.1f} ± {np.std(finals):.1f}" if finals else "missing")
             lines.append(

@@ -417,7 +417,8 @@ class TRPO(OnPolicyAlgorithm):
         # None: not decided yet; False: the generic autograd path is used
         self._fast_critic: FastMlpCritic | bool | None = None
         self._mlp_fisher: MlpFisher | bool | None = None
-        self._cached_for: tuple[Any, ...] | None = None
+        # What the caches were built from: (policy, optimizer, *parameters) and each parameter's requires_grad
+        self._cached_for: tuple[list[Any], list[bool]] | None = None
 
     def _refresh_parameter_caches(self) -> None:
         """
@@ -426,18 +427,17 @@ class TRPO(OnPolicyAlgorithm):
         of them require gradients (a user may replace ``model.policy`` or its optimizer, or freeze layers, between
         two calls to ``learn``). The key holds the objects themselves, compared by identity.
         """
-        params = tuple(self.policy.parameters())
-        key = (self.policy, self.policy.optimizer, params, tuple(p.requires_grad for p in params))
+        params = list(self.policy.parameters())
+        objects = [self.policy, self.policy.optimizer, *params]
+        flags = [p.requires_grad for p in params]
         cached = self._cached_for
-        if cached is None or not (
-            cached[0] is key[0]
-            and cached[1] is key[1]
-            and len(cached[2]) == len(params)
-            and all(a is b for a, b in zip(cached[2], params))
-            and cached[3] == key[3]
-        ):
+        if cached is None or cached[1] != flags or len(cached[0]) != len(objects):
+            changed = True
+        else:
+            changed = any(a is not b for a, b in zip(cached[0], objects))
+        if changed:
             self._reset_parameter_caches()
-            self._cached_for = key
+            self._cached_for = (objects, flags)
 
     def _uses_standard_policy(self) -> bool:
         """
