@@ -503,11 +503,21 @@ def speed_table(speed: dict[str, dict[str, Any]], run_name: str | None, figures_
         )
     breakdown = {env_id: entry for env_id, entry in summary.items() if all("env_us" in entry[impl] for impl in IMPLS)}
     if breakdown:
+        if all(entry.get("env_timed") == "environments" for entry in breakdown.values()):
+            env_part = (
+                "inside the environments' own `step` (the Gymnasium environment and its `Monitor`: the same code "
+                "for both), inside `train()`, and the rest (the vectorised wrappers `DummyVecEnv` and "
+                "`VecNormalize`, which sb3_trpo_ext steps without their deep copies and NumPy wrappers, the policy "
+                "forward pass, rollout buffer, callbacks, GAE)"
+            )
+        else:
+            env_part = (
+                "inside the training `VecEnv.step` (the environments, `Monitor`, `VecNormalize`: the same code for "
+                "both), inside `train()`, and the rest (policy forward pass, rollout buffer, callbacks, GAE)"
+            )
         lines += [
             "",
-            "Where the time of one environment step goes (medians, µs): inside the training `VecEnv.step` (the "
-            "environments, `Monitor`, `VecNormalize`: the same code for both), inside `train()`, and the rest "
-            "(policy forward pass, rollout buffer, callbacks, GAE). The ceiling is the learn() speed-up "
+            f"Where the time of one environment step goes (medians, µs): {env_part}. The ceiling is the learn() speed-up "
             "sb3_trpo_ext would reach if its rest cost nothing: sb3_contrib's total / (sb3_trpo_ext's env step "
             "+ train()). The rest a 2.5x learn() speed-up would leave: sb3_contrib's total / 2.5 - (sb3_trpo_ext's "
             "env step + train()), negative where 2.5x is out of reach.",

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecEnvWrapper
 
 from benchmarks.common import (
     IMPLS,
@@ -132,22 +132,31 @@ class TrainTimer:
 
 class StepTimer:
     """
-    Wraps ``step`` of the training ``VecEnv`` instance (its outermost wrapper, ``VecNormalize`` where the zoo uses
-    it) and adds up the time spent in it: the part of a rollout that the algorithm cannot change.
+    Wraps ``step`` of each environment inside the training ``VecEnv`` (the ``Monitor`` on top of the Gymnasium
+    environment, where the zoo puts it) and adds up the time spent in them: the simulation itself, the part of a
+    rollout that no algorithm can change. The vectorised wrappers around them (``DummyVecEnv``, ``VecNormalize``) are
+    not in it: they count as the algorithm's own time, since an implementation may step them more cheaply.
 
-    :param env: the model's training environment.
+    :param env: the model's training environment (a ``DummyVecEnv``, possibly under ``VecEnvWrapper``s).
     """
 
     def __init__(self, env: VecEnv) -> None:
         self.total = 0.0
-        self._step = env.step
-        env.step = self  # type: ignore[method-assign]
+        base = env
+        while isinstance(base, VecEnvWrapper):
+            base = base.venv
+        assert isinstance(base, DummyVecEnv), "the environments are timed in the process that steps them"
+        for inner in base.envs:
+            inner.step = self._timed(inner.step)  # type: ignore[method-assign]
 
-    def __call__(self, actions: np.ndarray) -> Any:
-        start = time.perf_counter()
-        result = self._step(actions)
-        self.total += time.perf_counter() - start
-        return result
+    def _timed(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_step(action: Any) -> Any:
+            start = time.perf_counter()
+            result = step(action)
+            self.total += time.perf_counter() - start
+            return result
+
+        return timed_step
 
 
 def build(
@@ -216,7 +225,7 @@ def measure_learn(envs: tuple[str, ...], settings: Settings) -> list[dict[str, A
                         "timesteps": int(model.num_timesteps),
                         "learn_s": learn_s,
                         "train_s": sum(timer.times),
-                        "env_step_s": step_timer.total,
+                        "envs_step_s": step_timer.total,
                         "n_updates": len(timer.times),
                     }
                 )
@@ -315,6 +324,10 @@ def measure_n_envs(settings: Settings) -> list[dict[str, Any]]:
     return rows
 
 
+#: What the environment time of a ``learn`` row measures, by its key.
+ENV_TIME_KEYS = {"envs_step_s": "environments", "env_step_s": "vec_env"}
+
+
 def learn_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """
     Speed-ups of the measured pairs (``sb3_contrib`` time divided by ``sb3_trpo_ext`` time: above 1 means
@@ -323,8 +336,10 @@ def learn_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     :param rows: rows of the ``learn`` section.
     :return: per environment: ``learn_ratio`` and ``train_ratio`` as ``(min, median, max)``, ``pairs``, and per
         implementation the median ``us_per_step`` and ``train_s_per_update``, and where the time of an environment
-        step goes (medians, µs): ``env_us`` (in the training ``VecEnv.step``), ``train_us`` (in ``train()``) and
-        ``other_us`` (the rest: the policy's forward pass, the buffer, callbacks, GAE), when recorded.
+        step goes (medians, µs): ``env_us`` (in the environments' own ``step``, or in the training ``VecEnv.step`` for
+        runs that timed that: ``env_timed``), ``train_us`` (in ``train()``) and ``other_us`` (the rest: the
+        vectorised wrappers where not in ``env_us``, the policy's forward pass, the buffer, callbacks, GAE), when
+        recorded.
     """
     summary: dict[str, dict[str, Any]] = {}
     for env_id in dict.fromkeys(row["env_id"] for row in rows):
@@ -349,13 +364,17 @@ def learn_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                     pair[impl]["train_s"] / max(pair[impl]["n_updates"], 1) for pair in pairs
                 ),
             }
-            if all("env_step_s" in pair[impl] for pair in pairs):
+            # runs from before 2026-11-27 timed the whole training VecEnv.step ("env_step_s"), later ones the
+            # environments inside it ("envs_step_s")
+            env_key = next((key for key in ENV_TIME_KEYS if all(key in pair[impl] for pair in pairs)), None)
+            if env_key is not None:
+                entry["env_timed"] = ENV_TIME_KEYS[env_key]
                 per_step = [
                     {
-                        "env_us": 1e6 * pair[impl]["env_step_s"] / pair[impl]["timesteps"],
+                        "env_us": 1e6 * pair[impl][env_key] / pair[impl]["timesteps"],
                         "train_us": 1e6 * pair[impl]["train_s"] / pair[impl]["timesteps"],
                         "other_us": 1e6
-                        * (pair[impl]["learn_s"] - pair[impl]["env_step_s"] - pair[impl]["train_s"])
+                        * (pair[impl]["learn_s"] - pair[impl][env_key] - pair[impl]["train_s"])
                         / pair[impl]["timesteps"],
                     }
                     for pair in pairs

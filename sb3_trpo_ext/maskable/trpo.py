@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_ext.common.lean_policy import categorical_draw, latents_fn, make_buffer_add
+from sb3_trpo_ext.common.lean_vec_env import make_lean_env_step
 from sb3_trpo_ext.common.numerics import DistParams
 from sb3_trpo_ext.common.policy_utils import distribution_params
 from sb3_trpo_ext.maskable.masks import check_action_masks, mask_component_sizes
@@ -283,6 +284,7 @@ class MaskableTRPO(TRPO):
         rollout_buffer.reset()
         direct_add = make_buffer_add(rollout_buffer, classes=(MaskableRolloutBuffer,))
         mask_shape = (rollout_buffer.n_envs, getattr(rollout_buffer, "mask_dims", 0))
+        env_step = make_lean_env_step(env) or env.step  # env.step's results with cheaper copies
         callback.on_rollout_start()
 
         while n_steps < n_rollout_steps:
@@ -291,7 +293,7 @@ class MaskableTRPO(TRPO):
                 if use_masking:
                     action_masks = self._current_action_masks(env)
                 actions, values, log_probs = policy_step(obs_tensor, action_masks)
-            new_obs, rewards, dones, infos = env.step(actions)
+            new_obs, rewards, dones, infos = env_step(actions)
             self.num_timesteps += env.num_envs
 
             callback.update_locals(locals())

@@ -24,6 +24,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.autograd import forward_ad
 
 from sb3_trpo_ext.common.critic import optimizer_update
+from sb3_trpo_ext.common.lean_vec_env import make_lean_env_step
 from sb3_trpo_ext.common.numerics import DistParams, fisher_weight_product
 from sb3_trpo_ext.common.policy_utils import (
     all_finite,
@@ -297,6 +298,7 @@ class RecurrentTRPO(TRPO):
         rollout_buffer.reset()
         if self.use_sde:
             self.policy.reset_noise(env.num_envs)
+        env_step = make_lean_env_step(env) or env.step  # env.step's results with cheaper copies
         callback.on_rollout_start()
         lstm_states = deepcopy(self._last_lstm_states)
 
@@ -311,7 +313,7 @@ class RecurrentTRPO(TRPO):
             clipped_actions = actions
             if isinstance(self.action_space, spaces.Box):
                 clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)
-            new_obs, rewards, dones, infos = env.step(clipped_actions)
+            new_obs, rewards, dones, infos = env_step(clipped_actions)
             self.num_timesteps += env.num_envs
 
             callback.update_locals(locals())

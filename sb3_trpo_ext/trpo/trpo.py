@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from sb3_trpo_ext.common.contrib_compat import kl_dimension_factor
 from sb3_trpo_ext.common.critic import FastMlpCritic, optimizer_update
 from sb3_trpo_ext.common.lean_policy import PolicyStep, make_buffer_add, make_lean_noise_reset, make_lean_policy_step
+from sb3_trpo_ext.common.lean_vec_env import make_lean_env_step
 from sb3_trpo_ext.common.mlp_fisher import MlpFisher
 from sb3_trpo_ext.common.numerics import (
     DistParams,
@@ -354,6 +355,7 @@ class TRPO(OnPolicyAlgorithm):
         n_steps = 0
         rollout_buffer.reset()
         add_to_buffer = make_buffer_add(rollout_buffer) or rollout_buffer.add
+        env_step = make_lean_env_step(env) or env.step
         reset_noise = (make_lean_noise_reset(self.policy, env.num_envs) if self.use_sde else None) or (
             lambda: self.policy.reset_noise(env.num_envs)
         )
@@ -376,7 +378,7 @@ class TRPO(OnPolicyAlgorithm):
             # Gaussian actions are unbounded: clip them to the action space for the environment (not in the buffer);
             # np.minimum(np.maximum(.)) is np.clip's result (NaN included) with less overhead
             clipped_actions = np.minimum(np.maximum(actions, low), high) if is_box else actions  # type: ignore[arg-type]
-            new_obs, rewards, dones, infos = env.step(clipped_actions)
+            new_obs, rewards, dones, infos = env_step(clipped_actions)
             self.num_timesteps += env.num_envs
             callback.update_locals(locals())
             if not callback.on_step():
