@@ -70,29 +70,26 @@ def copy_infos(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def batch_moments(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
-    ``(np.mean(arr, axis=0), np.var(arr, axis=0))`` for a float array, with the same ufunc calls in the same order as
-    NumPy's own implementation (a sum, a division by the count, squared deviations, a sum, a division), without its
-    Python wrappers. Bit-identical to NumPy's results (tested).
+    ``(np.mean(arr, axis=0), np.var(arr, axis=0))`` for a float array, with the ufuncs NumPy's own implementation
+    calls, on the same values in the same order (a sum, a division by the count, squared deviations from that mean,
+    a sum, a division), without its Python wrappers; ``np.var`` computes the same mean a second time, here it is
+    computed once. Bit-identical to NumPy's results (tested).
 
     :param arr: A float32 or float64 array, one row per sample
     :return: The mean and the (biased) variance over the first axis
     """
-    count = np.intp(arr.shape[0])
-    total = np.add.reduce(arr, axis=0)
-    if isinstance(total, np.ndarray):
+    count = np.intp(arr.shape[0])  # NumPy divides by the count as an intp
+    total = np.add.reduce(arr, 0)
+    if type(total) is np.ndarray:
         mean = np.true_divide(total, count, out=total, casting="unsafe")
-    else:
+    else:  # a 1-D batch: NumPy scalars
         mean = total.dtype.type(total / count)
-    centred = np.add.reduce(arr, axis=0, keepdims=True)
-    np.true_divide(centred, count, out=centred, casting="unsafe")
-    deviations = np.subtract(arr, centred)
+    deviations = np.subtract(arr, mean)
     np.square(deviations, out=deviations)
-    spread = np.add.reduce(deviations, axis=0)
-    if isinstance(spread, np.ndarray):
-        var = np.true_divide(spread, count, out=spread, casting="unsafe")
-    else:
-        var = spread.dtype.type(spread / count)
-    return mean, var
+    spread = np.add.reduce(deviations, 0)
+    if type(spread) is np.ndarray:
+        return mean, np.true_divide(spread, count, out=spread, casting="unsafe")
+    return mean, spread.dtype.type(spread / count)
 
 
 def update_running_stats(rms: RunningMeanStd, arr: np.ndarray) -> None:
