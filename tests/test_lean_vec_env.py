@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import SimpleMultiObsEnv
+from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecFrameStack, VecNormalize
 
 from sb3_trpo_ext import TRPO
-from sb3_trpo_ext.common.lean_vec_env import batch_moments, copy_infos, make_lean_env_step
+from sb3_trpo_ext.common.lean_vec_env import batch_moments, copy_infos, make_lean_env_step, update_running_stats
 
 
 def assert_same(a: Any, b: Any, where: str = "") -> None:
-    """Equal values of the same types, arrays compared bit for bit (NaN included) with their dtypes."""
+    """Equal values of the same types, arrays compared bit for bit (NaN and the sign of zeros included) with their
+    dtypes."""
     assert type(a) is type(b), where
     if isinstance(a, dict):
         assert list(a) == list(b), where  # same keys in the same order
@@ -30,6 +32,8 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
     elif isinstance(a, (np.ndarray, np.generic)):
         assert a.dtype == b.dtype, where
         np.testing.assert_array_equal(a, b, err_msg=where)
+        if not a.dtype.hasobject:  # -0.0 == 0.0: the bits tell them apart
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), where
     else:
         assert a == b, where
 
@@ -94,6 +98,56 @@ def test_lean_env_step_gives_sb3_results_and_leaves_the_same_state(env_id: str, 
     assert dones_seen > 5 and truncations_seen > 0
 
 
+class BoxEnv(gym.Env):
+    """Random observations of a given space, random rewards, terminations and truncations."""
+
+    def __init__(self, space: gym.spaces.Space, seed: int) -> None:
+        self.observation_space, self.action_space = space, gym.spaces.Discrete(2)
+        self.observation_space.seed(seed)
+        self.rng, self.t = np.random.default_rng(seed), 0
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        self.t = 0
+        return self.observation_space.sample(), {}
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        self.t += 1
+        terminated, truncated = bool(self.rng.random() < 0.1), self.t >= 7
+        return self.observation_space.sample(), float(self.rng.standard_normal()), terminated, truncated, {}
+
+
+@pytest.mark.parametrize(
+    "dtype,normalize",
+    [
+        (np.float16, {}),  # np.mean sums float16 in float32
+        (np.float32, {"clip_obs": 0.0, "clip_reward": 0.0}),  # np.clip keeps -0.0 at a bound of 0
+        (np.uint8, {"norm_reward": False}),
+        (np.float64, {"training": False}),
+    ],
+)
+def test_lean_env_step_on_other_observation_dtypes(dtype: type, normalize: dict[str, Any]) -> None:
+    def build() -> VecEnv:
+        space = gym.spaces.Box(-100, 100, (3,), dtype) if dtype != np.uint8 else gym.spaces.Box(0, 255, (3,), dtype)
+        return VecNormalize(DummyVecEnv([lambda i=i: BoxEnv(space, i) for i in range(3)]), **normalize)
+
+    sb3_env, lean_env = build(), build()
+    lean_step = make_lean_env_step(lean_env)
+    assert lean_step is not None
+    assert_same(sb3_env.reset(), lean_env.reset())
+    for step in range(30):
+        actions = np.arange(3) % 2
+        assert_same(sb3_env.step(actions), lean_step(actions), f"step {step}")
+        assert_same(wrapper_state(sb3_env), wrapper_state(lean_env), f"state after step {step}")
+
+
+def test_running_stats_of_float16_batches_are_numpys() -> None:
+    arr = (np.random.default_rng(0).standard_normal((3, 5)) * 100 + 1000).astype(np.float16)
+    expected, got = RunningMeanStd(shape=(5,)), RunningMeanStd(shape=(5,))
+    expected.update(arr)
+    update_running_stats(got, arr)
+    assert_same((expected.mean, expected.var, expected.count), (got.mean, got.var, got.count))
+
+
 def test_lean_env_step_results_are_independent_copies() -> None:
     env = make_env("Pendulum-v1", {})
     step = make_lean_env_step(env)
@@ -141,6 +195,53 @@ def test_copy_infos_equals_deepcopy_and_keeps_shared_arrays_shared() -> None:
     copied = copy_infos(with_object)  # anything else: deepcopy itself
     assert copied[0]["obj"] is not with_object[0]["obj"] and copied[0]["obj"].payload == [1, 2]
     assert copied[0]["obj"].payload is not with_object[0]["obj"].payload
+
+
+class ObjectSpace(gym.spaces.Space):
+    """Observations that are arrays of Python objects."""
+
+    def __init__(self) -> None:
+        super().__init__(shape=(2,), dtype=object)
+
+    def sample(self, mask: Any = None, probability: Any = None) -> np.ndarray:
+        return np.array([[1], {"k": 2}], dtype=object)
+
+    def contains(self, x: Any) -> bool:
+        return True
+
+
+def test_object_observations_are_stepped_with_their_own_step() -> None:
+    # DummyVecEnv deep-copies the objects in its buffer; a copy of the array would share them
+    assert make_lean_env_step(DummyVecEnv([lambda: BoxEnv(ObjectSpace(), 0)])) is None
+
+
+@pytest.mark.parametrize("name", ["normalize_obs", "_normalize_obs", "normalize_reward", "_update_reward"])
+def test_methods_replaced_on_a_vec_normalize_are_called(name: str) -> None:
+    env = VecNormalize(make_vec_env("Pendulum-v1", n_envs=2))
+    setattr(env, name, getattr(env, name))
+    assert make_lean_env_step(env) is None
+
+
+@pytest.mark.parametrize("name", ["_save_obs", "_obs_from_buf"])
+def test_methods_replaced_on_a_dummy_vec_env_are_called(name: str) -> None:
+    env = make_vec_env("Pendulum-v1", n_envs=2)
+    setattr(env, name, getattr(env, name))
+    assert make_lean_env_step(env) is None
+    assert make_lean_env_step(VecNormalize(env)) is None
+
+
+def test_an_update_replaced_on_the_running_stats_is_called() -> None:
+    # Frozen observation statistics
+    sb3_env, lean_env = make_env("Pendulum-v1", {}), make_env("Pendulum-v1", {})
+    for env in (sb3_env, lean_env):
+        env.obs_rms.update = lambda arr: None  # type: ignore[attr-defined]
+    lean_step = make_lean_env_step(lean_env)
+    assert lean_step is not None
+    assert_same(sb3_env.reset(), lean_env.reset())
+    actions = np.zeros((3, 1), dtype=np.float32)
+    for step in range(5):
+        assert_same(sb3_env.step(actions), lean_step(actions), f"step {step}")
+        assert_same(wrapper_state(sb3_env), wrapper_state(lean_env), f"state after step {step}")
 
 
 class StepCounter:

@@ -8,8 +8,8 @@ arithmetic on a batch of two rows. :func:`make_lean_env_step` builds, for SB3's 
 ``VecNormalize`` directly on top of one, a function that does what ``env.step(actions)`` does, with the same
 arithmetic in the same order: the same observations, rewards, dones and infos (bit for bit, as fresh copies), and the
 same state left in the wrappers (buffers, running statistics, discounted returns, ``old_obs``, ``old_reward``).
-Anything else (other ``VecEnv`` classes or wrappers, subclasses, Dict observations, a ``step`` replaced on the
-instance) gets ``None`` and is stepped with ``env.step``.
+Anything else (other ``VecEnv`` classes or wrappers, subclasses, Dict, Tuple or object observations, a ``step`` or
+one of the methods it calls replaced on the instance) gets ``None`` and is stepped with ``env.step``.
 """
 
 from __future__ import annotations
@@ -94,21 +94,38 @@ def batch_moments(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def update_running_stats(rms: RunningMeanStd, arr: np.ndarray) -> None:
     """``rms.update(arr)`` with :func:`batch_moments` for the batch's mean and variance."""
-    if type(rms) is not RunningMeanStd or arr.dtype.kind != "f":
+    # float32 / float64 only: np.mean sums float16 in float32, batch_moments would sum it in float16.
+    # An ``update`` replaced on the object (frozen statistics) is the one to call.
+    if type(rms) is not RunningMeanStd or arr.dtype.char not in "fd" or "update" in vars(rms):
         rms.update(arr)
         return
     mean, var = batch_moments(arr)
     rms.update_from_moments(mean, var, arr.shape[0])
 
 
-def _replaced_on_instance(env: VecEnv) -> bool:
-    """True when ``step``, ``step_async`` or ``step_wait`` was replaced on the object (a timer, a test double)."""
-    return any(name in vars(env) for name in ("step", "step_async", "step_wait"))
+#: The methods that SB3's ``step`` calls on each wrapper, and that the lean step does without calling them.
+_DUMMY_METHODS = ("step", "step_async", "step_wait", "_save_obs", "_obs_from_buf")
+_NORMALIZE_METHODS = (
+    "step",
+    "step_async",
+    "step_wait",
+    "normalize_obs",
+    "_normalize_obs",
+    "normalize_reward",
+    "_update_reward",
+)
+
+
+def _replaced_on_instance(env: VecEnv, names: tuple[str, ...]) -> bool:
+    """True when one of the methods ``names`` was replaced on the object (a timer, a test double)."""
+    return any(name in vars(env) for name in names)
 
 
 def _dummy_step(venv: DummyVecEnv) -> EnvStep | None:
     """``DummyVecEnv.step`` (``step_async`` then ``step_wait``) with cheaper copies, or ``None``."""
-    if type(venv) is not DummyVecEnv or _replaced_on_instance(venv) or venv.keys != [None]:
+    if type(venv) is not DummyVecEnv or _replaced_on_instance(venv, _DUMMY_METHODS) or venv.keys != [None]:
+        return None
+    if venv.buf_obs[None].dtype.hasobject:  # type: ignore[index]  # deepcopy copies the objects, not only the array
         return None
     envs, buf_rews, buf_dones, buf_infos, reset_infos = (
         venv.envs,
@@ -138,7 +155,7 @@ def _dummy_step(venv: DummyVecEnv) -> EnvStep | None:
 
 def _normalize_step(vec_normalize: VecNormalize) -> EnvStep | None:
     """``VecNormalize.step`` over :func:`_dummy_step`, or ``None``."""
-    if type(vec_normalize) is not VecNormalize or _replaced_on_instance(vec_normalize):
+    if type(vec_normalize) is not VecNormalize or _replaced_on_instance(vec_normalize, _NORMALIZE_METHODS):
         return None
     if isinstance(getattr(vec_normalize, "obs_rms", None), dict):  # Dict observations (absent with norm_obs=False)
         return None
@@ -155,11 +172,12 @@ def _normalize_step(vec_normalize: VecNormalize) -> EnvStep | None:
         if vn.training and vn.norm_obs:
             update_running_stats(vn.obs_rms, obs)  # type: ignore[arg-type]  # not a Dict: checked above
         if vn.norm_obs:
-            # clip((obs - mean) / sqrt(var + epsilon)) in float32; np.minimum(np.maximum(.)) is np.clip's result
+            # clip((obs - mean) / sqrt(var + epsilon)) in float32; ndarray.clip is what np.clip calls (np.minimum of
+            # np.maximum is not: with a bound of 0 it turns -0.0 into 0.0)
             rms = vn.obs_rms
             assert isinstance(rms, RunningMeanStd)
             scaled = (obs - rms.mean) / np.sqrt(rms.var + vn.epsilon)
-            normalized = np.minimum(np.maximum(scaled, -vn.clip_obs), vn.clip_obs).astype(np.float32)
+            normalized = scaled.clip(-vn.clip_obs, vn.clip_obs).astype(np.float32)
         else:
             normalized = obs.copy(order="K")
         if vn.training:
@@ -167,7 +185,7 @@ def _normalize_step(vec_normalize: VecNormalize) -> EnvStep | None:
             update_running_stats(vn.ret_rms, vn.returns)
         if vn.norm_reward:
             scaled_rewards = rewards / np.sqrt(vn.ret_rms.var + vn.epsilon)
-            rewards = np.minimum(np.maximum(scaled_rewards, -vn.clip_reward), vn.clip_reward)
+            rewards = scaled_rewards.clip(-vn.clip_reward, vn.clip_reward)
         rewards = rewards.astype(np.float32)
         for idx, done in enumerate(dones):
             if done and "terminal_observation" in infos[idx]:

@@ -376,8 +376,8 @@ class TRPO(OnPolicyAlgorithm):
                     obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type,assignment]
                 actions, values, log_probs = policy_step(obs_tensor)
             # Gaussian actions are unbounded: clip them to the action space for the environment (not in the buffer);
-            # np.minimum(np.maximum(.)) is np.clip's result (NaN included) with less overhead
-            clipped_actions = np.minimum(np.maximum(actions, low), high) if is_box else actions  # type: ignore[arg-type]
+            # ndarray.clip is what np.clip calls, without its dispatch (np.minimum of np.maximum differs on -0.0)
+            clipped_actions = actions.clip(low, high) if is_box else actions  # type: ignore[arg-type]
             new_obs, rewards, dones, infos = env_step(clipped_actions)
             self.num_timesteps += env.num_envs
             callback.update_locals(locals())
