@@ -185,11 +185,16 @@ def test_unmasked_kl_would_differ_so_the_masks_reach_the_line_search() -> None:
     assert not th.allclose(masked_params.tensors[0].exp(), plain_params.tensors[0].exp())
 
 
+@pytest.mark.parametrize("through_surrogate", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_fisher_vector_product_matches_explicit_fisher_of_the_masked_policy(kind: str) -> None:
+def test_fisher_vector_product_matches_explicit_fisher_of_the_masked_policy(kind: str, through_surrogate: bool) -> None:
+    """Both products: J through the masking (the generic one), and J of the logits before masking, which the policy
+    step uses after its surrogate (the same matrix: M is zero where masking acts, and blind to the normalisations)."""
     model = collected(kind, policy_kwargs={"net_arch": [4]})
-    observations, *_, masks = buffer_batch(model)
-    observations, masks = observations[:24], masks[:24]
+    observations, actions, old_log_prob, advantages, masks = buffer_batch(model)
+    observations, actions, old_log_prob, advantages, masks = (
+        t[:24] for t in (observations, actions, old_log_prob, advantages, masks)
+    )
     params, _ = model._split_parameters(observations)
     old = [
         th.distributions.Categorical(probs=d.probs.detach()) for d in masked_torch_distributions(model, observations, masks)
@@ -206,8 +211,13 @@ def test_fisher_vector_product_matches_explicit_fisher_of_the_masked_policy(kind
     fisher = th.stack(rows).double()
 
     model._action_masks = masks
-    new = distribution_params(model.policy.get_distribution(observations, action_masks=masks))
+    if through_surrogate:  # as in the policy step
+        _, new = model._surrogate(observations, actions, old_log_prob, advantages)
+        assert model._unmasked is not None
+    else:
+        new = distribution_params(model.policy.get_distribution(observations, action_masks=masks))
     fvp = model._fisher_vector_product_fn(params, new, new.detach())
+    assert model._unmasked is None  # consumed by the product
     generator = th.Generator().manual_seed(0)
     for _ in range(3):
         v = th.randn(fisher.shape[0], generator=generator)

@@ -223,28 +223,53 @@ def kl_old_new(old: DistParams, new: DistParams) -> th.Tensor:
     raise ValueError(f"unknown distribution kind {old.kind!r}")
 
 
+def fisher_weight_operator(old: DistParams) -> Callable[[Sequence[th.Tensor]], tuple[th.Tensor, ...]]:
+    """
+    ``u -> M u``: the analytic Fisher information ``M`` of each sample's distribution, evaluated at ``old``, the
+    middle factor of the Gauss-Newton form ``F = J^T M J / N``. Its per-sample weights (the probabilities, the
+    inverse variances) are computed once, here, and reused by every conjugate-gradient iteration: ``old`` does not
+    move during an update. (Masked categorical logits make this worth it: ``exp`` of ``-1e8`` takes a slow path.)
+
+    :param old: Distribution parameters at which ``M`` is evaluated
+    :return: The function mapping a tangent ``u`` (one tensor per tensor of ``old``) to ``M u``
+    """
+    if old.kind == GAUSSIAN:
+        _, log_std = old.tensors
+        inverse_variance = th.exp(-2.0 * log_std)
+
+        def gaussian(u: Sequence[th.Tensor]) -> tuple[th.Tensor, ...]:
+            u_mean, u_log_std = u
+            return (u_mean * inverse_variance, 2.0 * u_log_std)
+
+        return gaussian
+    if old.kind == CATEGORICAL:
+        probabilities = [logits.exp() for logits in old.tensors]
+
+        def categorical(u: Sequence[th.Tensor]) -> tuple[th.Tensor, ...]:
+            # (diag(p) - p p^T) u for each component
+            return tuple(p * u_i - p * (p * u_i).sum(dim=1, keepdim=True) for p, u_i in zip(probabilities, u))
+
+        return categorical
+    if old.kind == BERNOULLI:
+        (logits,) = old.tensors
+        p = th.sigmoid(logits)
+        variance = p * (1.0 - p)
+
+        def bernoulli(u: Sequence[th.Tensor]) -> tuple[th.Tensor, ...]:
+            (u_logits,) = u
+            return (variance * u_logits,)
+
+        return bernoulli
+    raise ValueError(f"unknown distribution kind {old.kind!r}")
+
+
 def fisher_weight_product(old: DistParams, u: Sequence[th.Tensor]) -> tuple[th.Tensor, ...]:
     """
     Multiply a tangent ``u`` of the distribution parameters by the analytic Fisher information ``M`` of each
-    sample's distribution, evaluated at ``old``: the middle factor of the Gauss-Newton form ``F = J^T M J / N``.
+    sample's distribution, evaluated at ``old`` (:func:`fisher_weight_operator`, for a single product).
 
     :param old: Distribution parameters at which ``M`` is evaluated
     :param u: Tangent, one tensor per tensor of ``old``
     :return: ``M u``, one tensor per tensor of ``old``
     """
-    if old.kind == GAUSSIAN:
-        _, log_std = old.tensors
-        u_mean, u_log_std = u
-        return (u_mean * th.exp(-2.0 * log_std), 2.0 * u_log_std)
-    if old.kind == CATEGORICAL:
-        out = []
-        for logits, u_i in zip(old.tensors, u):
-            p = logits.exp()
-            out.append(p * u_i - p * (p * u_i).sum(dim=1, keepdim=True))
-        return tuple(out)
-    if old.kind == BERNOULLI:
-        (logits,) = old.tensors
-        (u_logits,) = u
-        p = th.sigmoid(logits)
-        return (p * (1.0 - p) * u_logits,)
-    raise ValueError(f"unknown distribution kind {old.kind!r}")
+    return fisher_weight_operator(old)(u)

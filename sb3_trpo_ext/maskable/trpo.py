@@ -23,13 +23,25 @@ from torch.nn import functional as F
 
 from sb3_trpo_ext.common.lean_policy import categorical_draw, latents_fn, make_buffer_add
 from sb3_trpo_ext.common.lean_vec_env import make_lean_env_step
-from sb3_trpo_ext.common.numerics import DistParams
+from sb3_trpo_ext.common.numerics import CATEGORICAL, DistParams
 from sb3_trpo_ext.common.policy_utils import distribution_params
 from sb3_trpo_ext.maskable.masks import check_action_masks, mask_component_sizes
 from sb3_trpo_ext.maskable.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo_ext.trpo.trpo import TRPO
 
 SelfMaskableTRPO = TypeVar("SelfMaskableTRPO", bound="MaskableTRPO")
+
+
+def unmasked_logits(distribution: Any) -> DistParams | None:
+    """
+    The normalised logits *before* masking of sb3-contrib's maskable distributions, still attached to the graph
+    (``MaskableCategorical._original_logits``: one per action component), or ``None`` for anything else.
+    """
+    inner = getattr(distribution, "distribution", None)
+    components = [inner] if inner is not None else getattr(distribution, "distributions", None)
+    if not components or not all(isinstance(getattr(c, "_original_logits", None), th.Tensor) for c in components):
+        return None
+    return DistParams(CATEGORICAL, tuple(c._original_logits for c in components))
 
 
 class MaskableTRPO(TRPO):
@@ -181,6 +193,8 @@ class MaskableTRPO(TRPO):
         self._use_masking = True
         # Masks of the batch the policy step is working on, aligned with its samples (None: no masking)
         self._action_masks: th.Tensor | None = None
+        # The normalised logits before masking, of the batch of the last surrogate (for the Fisher-vector product)
+        self._unmasked: DistParams | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # Rollouts
@@ -372,7 +386,24 @@ class MaskableTRPO(TRPO):
         distribution = self.policy.get_distribution(observations, action_masks=self._action_masks)  # type: ignore[arg-type]
         log_prob = distribution.log_prob(actions)
         ratio = th.exp(log_prob - old_log_prob)
+        self._unmasked = unmasked_logits(distribution)
         return (ratio * advantages).mean(), distribution_params(distribution)
+
+    def _fisher_vector_product_fn(
+        self, params: list[th.nn.Parameter], new: DistParams, old: DistParams, observations: PyTorchObs | None = None
+    ) -> Callable[[th.Tensor], th.Tensor]:
+        """
+        TRPO's Fisher-vector product ``J^T M J / N``, with ``J`` the Jacobian of the logits *before* masking and ``M``
+        the Fisher information of the masked distribution (``diag(p) - p p^T``, ``p`` the masked probabilities). It is
+        the same matrix as with ``J`` through the masking: ``M`` is zero in the rows and columns of masked outcomes
+        (``p = 0`` there), where masking changes the logits, and it annihilates the per-row shifts of the two
+        normalisations (``M 1 = 0``). The backward passes then skip the masking and the second normalisation, whose
+        ``exp`` of ``-1e8`` takes a slow path on the CPU.
+        """
+        unmasked, self._unmasked = self._unmasked, None
+        if unmasked is not None and [t.shape for t in unmasked.tensors] == [t.shape for t in new.tensors]:
+            new = unmasked
+        return super()._fisher_vector_product_fn(params, new, old, observations)
 
     @contextmanager
     def _policy_batch_context(self, rollout_data: Any, rows: slice) -> Iterator[None]:
@@ -382,6 +413,7 @@ class MaskableTRPO(TRPO):
             yield
         finally:
             self._action_masks = None
+            self._unmasked = None
 
     def learn(  # type: ignore[override]
         self: SelfMaskableTRPO,

@@ -25,7 +25,7 @@ from torch.autograd import forward_ad
 
 from sb3_trpo_ext.common.critic import optimizer_update
 from sb3_trpo_ext.common.lean_vec_env import make_lean_env_step
-from sb3_trpo_ext.common.numerics import DistParams, fisher_weight_product
+from sb3_trpo_ext.common.numerics import DistParams, fisher_weight_operator
 from sb3_trpo_ext.common.policy_utils import (
     all_finite,
     distribution_params,
@@ -430,6 +430,7 @@ class RecurrentTRPO(TRPO):
         offsets = np.cumsum([0] + [p.numel() for p in params])
         n_samples = new.tensors[0].shape[0]
         damping = self.cg_damping
+        fisher_weight = fisher_weight_operator(old)
 
         def distribution_tensors(*values: th.Tensor) -> tuple[th.Tensor, ...]:
             with _parameters_replaced(policy, {id(p): value for p, value in zip(params, values)}):
@@ -445,7 +446,7 @@ class RecurrentTRPO(TRPO):
 
         def fvp(vector: th.Tensor) -> th.Tensor:
             jv = [th.zeros_like(t) if d is None else d for t, d in zip(new.tensors, jacobian_vector(vector))]
-            m_jv = fisher_weight_product(old, jv)
+            m_jv = fisher_weight(jv)
             jt_m_jv = th.autograd.grad(new.tensors, params, grad_outputs=m_jv, retain_graph=True, allow_unused=True)
             flat = th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(jt_m_jv, params)])
             return flat / n_samples + damping * vector

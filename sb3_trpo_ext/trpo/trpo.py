@@ -31,7 +31,7 @@ from sb3_trpo_ext.common.numerics import (
     DistParams,
     assign_flat_parameters,
     conjugate_gradient,
-    fisher_weight_product,
+    fisher_weight_operator,
     flat_grad,
     flat_parameters,
     kl_old_new,
@@ -477,7 +477,7 @@ class TRPO(OnPolicyAlgorithm):
 
         At the old parameters the Hessian of the mean KL(old || new) is exactly ``J^T M J / N``: ``J`` is the Jacobian
         of the distribution parameters with respect to ``params`` and ``M`` the analytic Fisher information of each
-        sample's distribution (:func:`fisher_weight_product`). ``J v`` is obtained by differentiating the linear map
+        sample's distribution (:func:`fisher_weight_operator`). ``J v`` is obtained by differentiating the linear map
         ``u -> J^T u`` (the "double-vjp" trick), ``J^T w`` by one backward pass; ``F`` is never formed.
 
         :param params: Actor parameters
@@ -500,6 +500,7 @@ class TRPO(OnPolicyAlgorithm):
         jt_dummy = th.autograd.grad(new.tensors, params, grad_outputs=dummies, create_graph=True, allow_unused=True)
         jt_pairs = [(g, p) for g, p in zip(jt_dummy, params) if g is not None]
         damping = self.cg_damping
+        fisher_weight = fisher_weight_operator(old)
 
         offsets = np.cumsum([0] + [p.numel() for p in params])
         index_of = {id(p): i for i, p in enumerate(params)}
@@ -508,7 +509,7 @@ class TRPO(OnPolicyAlgorithm):
             # v split into the shapes of the parameters J^T u depends on
             chunks = [vector[offsets[index_of[id(p)]] : offsets[index_of[id(p)] + 1]].view_as(p) for _, p in jt_pairs]
             jv = th.autograd.grad([g for g, _ in jt_pairs], dummies, grad_outputs=chunks, retain_graph=True)
-            m_jv = fisher_weight_product(old, jv)
+            m_jv = fisher_weight(jv)
             jt_m_jv = th.autograd.grad(new.tensors, params, grad_outputs=m_jv, retain_graph=True, allow_unused=True)
             flat = th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(jt_m_jv, params)])
             return flat / n_samples + damping * vector
