@@ -136,3 +136,18 @@ def test_smoke_pipeline_writes_results_figures_and_readme_tables(tmp_path: Path)
     assert "| Pendulum-v1 | 0 | 0.01 / 0.1 |" in text  # the extra arm's table (d = 1: the same numbers)
     for name in ("returns_CartPole-v1", "returns_Pendulum-v1", "returns_all", "speed_batch", "speed_width", "speed_n_envs"):
         assert (figures / f"{name}.png").stat().st_size > 0
+
+
+def test_fingerprint_is_reproducible_and_tells_a_different_training_apart(tmp_path: Path) -> None:
+    """Same code, same seed: identical weights (the comparison passes); another seed: the comparison fails."""
+    run("benchmarks.fingerprint", "--envs", "CartPole-v1", "--timesteps", "512", "--out", str(tmp_path), "--name", "a")
+    reference = tmp_path / "a.json"
+    assert "identical" in run("benchmarks.fingerprint", "--compare", str(reference))
+    data = json.loads(reference.read_text())
+    data["seed"] += 1  # a file claiming this seed's weights: the same command now trains something else
+    changed = tmp_path / "b.json"
+    changed.write_text(json.dumps(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fingerprint", "--compare", str(changed)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "DIFFERENT" in result.stdout
