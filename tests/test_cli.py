@@ -1,0 +1,27 @@
+"""``python -m sb3_trpo_ext``, the README's default job, with a tiny budget."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "sb3_trpo_ext", "--timesteps", "1024", "--eval-episodes", "2", "--no-progress-bar", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_evaluates_and_saves_on_one_torch_thread(tmp_path: Path) -> None:
+    saved = tmp_path / "model.zip"
+    result = run_cli("--save", str(saved))
+    assert result.returncode == 0, result.stderr
+    assert "training TRPO on CartPole-v1 for 1024 steps (torch on 1 thread)" in result.stdout
+    assert "Evaluation on CartPole-v1: mean return" in result.stdout
+    assert saved.exists()
+
+
+def test_cli_rejects_a_negative_thread_count() -> None:
+    result = run_cli("--threads", "-1")
+    assert result.returncode == 2
+    assert "--threads must be >= 0, got -1" in result.stderr
