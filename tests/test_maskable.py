@@ -1,7 +1,9 @@
 """MaskableTRPO: invalid actions are never sampled and carry no probability, the trust-region step works on the masked
 distributions (surrogate, KL, Fisher-vector product, line search), and it learns sb3-contrib's masking test tasks."""
 
+import json
 import os
+import zipfile
 
 import gymnasium as gym
 import numpy as np
@@ -18,8 +20,10 @@ from stable_baselines3.common.envs import IdentityEnv, IdentityEnvBox
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import DummyVecEnv
 
+from sb3_trpo_ext.common.numerics import DistParams
 from sb3_trpo_ext.common.policy_utils import distribution_params
 from sb3_trpo_ext.maskable import MaskableTRPO
+from sb3_trpo_ext.trpo.trpo import TRPO
 from tests.helpers import TINY
 
 KINDS = ["discrete", "multidiscrete", "multibinary"]
@@ -223,6 +227,55 @@ def test_fisher_vector_product_matches_explicit_fisher_of_the_masked_policy(kind
         v = th.randn(fisher.shape[0], generator=generator)
         expected = fisher @ v.double() + model.cg_damping * v.double()
         assert th.linalg.norm(fvp(v).double() - expected) / th.linalg.norm(expected) < 1e-5
+
+
+def test_fisher_vector_product_ignores_logits_stashed_by_a_surrogate_of_another_batch() -> None:
+    """The logits before masking stashed by a surrogate stand in for ``new`` only if they belong to that very ``new``:
+    not to another batch of the same shape, whose product would then silently be that batch's."""
+    model = collected("discrete", policy_kwargs={"net_arch": [4]})
+    observations, actions, old_log_prob, advantages, masks = buffer_batch(model)
+    params, _ = model._split_parameters(observations)
+    first, second = slice(0, 24), slice(24, 48)
+    model._action_masks = masks[first]
+    model._surrogate(observations[first], actions[first], old_log_prob[first], advantages[first])
+    model._action_masks = masks[second]
+    new = distribution_params(model.policy.get_distribution(observations[second], action_masks=masks[second]))
+    fvp = model._fisher_vector_product_fn(params, new, new.detach())
+    reference = TRPO._fisher_vector_product_fn(model, params, new, new.detach())
+    v = th.randn(sum(p.numel() for p in params), generator=th.Generator().manual_seed(0))
+    assert th.linalg.norm(fvp(v) - reference(v)) / th.linalg.norm(reference(v)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_policy_step_takes_the_jacobian_of_the_logits_before_masking(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[DistParams] = []
+    generic = TRPO._fisher_vector_product_fn
+
+    def spy(self: TRPO, params: list, new: DistParams, old: DistParams, observations: object = None) -> object:
+        seen.append(new)
+        return generic(self, params, new, old, observations)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TRPO, "_fisher_vector_product_fn", spy)
+    model = collected(kind)  # one update
+    assert len(seen) == 1 and model._unmasked is None
+    *_, masks = buffer_batch(model)
+    assert not bool(masks.bool().all())  # masked outcomes: their masked logits are about -1e8
+    for logits in seen[0].tensors:  # the product was built on the logits before masking: none at -1e8
+        assert logits.requires_grad and bool((logits > -1e4).all())
+
+
+def test_save_leaves_out_the_stashed_logits(tmp_path: os.PathLike) -> None:
+    model = collected("discrete")
+    observations, actions, old_log_prob, advantages, masks = buffer_batch(model)
+    model._action_masks = masks
+    model._surrogate(observations, actions, old_log_prob, advantages)  # stashes graph-attached logits
+    model._action_masks = None
+    path = os.path.join(tmp_path, "model.zip")
+    model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        data = json.loads(archive.read("data"))
+    assert "_unmasked" not in data and "_action_masks" not in data
+    assert MaskableTRPO.load(path)._unmasked is None
 
 
 def test_sub_sampling_keeps_masks_aligned_with_their_samples() -> None:

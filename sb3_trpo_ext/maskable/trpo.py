@@ -193,8 +193,9 @@ class MaskableTRPO(TRPO):
         self._use_masking = True
         # Masks of the batch the policy step is working on, aligned with its samples (None: no masking)
         self._action_masks: th.Tensor | None = None
-        # The normalised logits before masking, of the batch of the last surrogate (for the Fisher-vector product)
-        self._unmasked: DistParams | None = None
+        # The normalised logits before masking of the last surrogate (for the Fisher-vector product), with the masked
+        # logits it returned: they stand in for those only (not for another batch's of the same shape)
+        self._unmasked: tuple[tuple[th.Tensor, ...], DistParams] | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # Rollouts
@@ -386,8 +387,10 @@ class MaskableTRPO(TRPO):
         distribution = self.policy.get_distribution(observations, action_masks=self._action_masks)  # type: ignore[arg-type]
         log_prob = distribution.log_prob(actions)
         ratio = th.exp(log_prob - old_log_prob)
-        self._unmasked = unmasked_logits(distribution)
-        return (ratio * advantages).mean(), distribution_params(distribution)
+        params = distribution_params(distribution)
+        unmasked = unmasked_logits(distribution)
+        self._unmasked = None if unmasked is None else (params.tensors, unmasked)
+        return (ratio * advantages).mean(), params
 
     def _fisher_vector_product_fn(
         self, params: list[th.nn.Parameter], new: DistParams, old: DistParams, observations: PyTorchObs | None = None
@@ -400,9 +403,13 @@ class MaskableTRPO(TRPO):
         normalisations (``M 1 = 0``). The backward passes then skip the masking and the second normalisation, whose
         ``exp`` of ``-1e8`` takes a slow path on the CPU.
         """
-        unmasked, self._unmasked = self._unmasked, None
-        if unmasked is not None and [t.shape for t in unmasked.tensors] == [t.shape for t in new.tensors]:
-            new = unmasked
+        stash, self._unmasked = self._unmasked, None
+        if stash is not None:
+            masked, unmasked = stash
+            # only for the very logits the surrogate returned (same tensors), never for those of another batch
+            same = len(masked) == len(new.tensors) and all(a is b for a, b in zip(masked, new.tensors))
+            if same and [t.shape for t in unmasked.tensors] == [t.shape for t in new.tensors]:
+                new = unmasked
         return super()._fisher_vector_product_fn(params, new, old, observations)
 
     @contextmanager
@@ -448,4 +455,4 @@ class MaskableTRPO(TRPO):
         )
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_action_masks", "_use_masking"]
+        return [*super()._excluded_save_params(), "_action_masks", "_unmasked", "_use_masking"]
