@@ -27,30 +27,34 @@ sb3_contrib = pytest.importorskip("sb3_contrib")
 
 
 class TargetEnv(gym.Env):
-    """Continuous actions in 3 dimensions, rewarded for matching a linear function of the observation."""
+    """Continuous actions in ``n_actions`` dimensions, rewarded for matching a linear function of the observation."""
 
-    def __init__(self) -> None:
-        self.observation_space = spaces.Box(-1.0, 1.0, (4,), np.float32)
-        self.action_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
-        self._weights = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4)
+    def __init__(self, n_actions: int = 3, n_obs: int = 4) -> None:
+        self.observation_space = spaces.Box(-1.0, 1.0, (n_obs,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (n_actions,), np.float32)
+        self._weights = np.linspace(-1.0, 1.0, n_actions * n_obs, dtype=np.float32).reshape(n_actions, n_obs)
         self._t = 0
-        self._obs = np.zeros(4, np.float32)
+        self._obs = np.zeros(n_obs, np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         self._t = 0
-        self._obs = self.np_random.uniform(-1, 1, 4).astype(np.float32)
+        self._obs = self.np_random.uniform(-1, 1, self._obs.shape).astype(np.float32)
         return self._obs, {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         reward = -float(np.sum((np.clip(action, -1, 1) - np.tanh(self._weights @ self._obs)) ** 2))
         self._t += 1
-        self._obs = self.np_random.uniform(-1, 1, 4).astype(np.float32)
+        self._obs = self.np_random.uniform(-1, 1, self._obs.shape).astype(np.float32)
         return self._obs, reward, False, self._t >= 25, {}
 
 
 def make_env(kind: str) -> gym.Env:
-    return TargetEnv() if kind == "box3" else make_identity_env(kind)
+    if kind == "box3":
+        return TargetEnv()
+    if kind == "box17":  # as many action dimensions as Humanoid
+        return TargetEnv(n_actions=17, n_obs=24)
+    return make_identity_env(kind)
 
 
 HYPERPARAMS: dict[str, Any] = {
@@ -138,7 +142,9 @@ def test_sb3_contrib_kl_is_averaged_over_action_dimensions() -> None:
     assert as_in_sb3_contrib.item() == pytest.approx(whole_distribution.item() / 3, rel=1e-5)
 
 
-@pytest.mark.parametrize(("kind", "use_sde"), [("box3", False), ("box3", True), ("multibinary", False), ("discrete", False)])
+@pytest.mark.parametrize(
+    ("kind", "use_sde"), [("box3", False), ("box3", True), ("box17", False), ("multibinary", False), ("discrete", False)]
+)
 def test_translated_settings_reproduce_sb3_contrib_update(kind: str, use_sde: bool) -> None:
     result = one_update_each(kind, translate=True, use_sde=use_sde)
     # measured: about 1e-6 (actor) and up to 2.3e-5 (critic); float32 sums in a different order
