@@ -28,6 +28,8 @@ def make_env(kind: str) -> gym.Env:
         return IdentityEnvBox(ep_length=7)
     if kind == "multibinary":
         return IdentityEnvMultiBinary(dim=3, ep_length=7)
+    if kind == "cartpole":  # Box observations, Discrete actions
+        return gym.make("CartPole-v1", max_episode_steps=7)
     raise ValueError(kind)
 
 
@@ -316,3 +318,81 @@ def test_forward_mode_fisher_product_leaves_every_parameter_object_in_place() ->
     assert before.keys() == after.keys() and all(before[name] is after[name] for name in before)
     optimized = {id(p) for group in model.policy.optimizer.param_groups for p in group["params"]}
     assert optimized <= {id(p) for p in after.values()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lean rollout step: torch.lstm_cell instead of nn.LSTM, the same numbers
+# --------------------------------------------------------------------------------------------------------------
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+LSTM_LAYOUTS = [
+    TINY_LSTM,
+    {**TINY_LSTM, "shared_lstm": True, "enable_critic_lstm": False},
+    {**TINY_LSTM, "enable_critic_lstm": False},
+    {"net_arch": dict(pi=[8, 8], vf=[4]), "lstm_hidden_size": 8, "activation_fn": th.nn.ReLU},
+]
+LSTM_LAYOUT_IDS = ["separate_lstms", "shared_lstm", "mlp_critic", "relu_two_layers"]
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags says it
+@pytest.mark.parametrize("policy_kwargs", LSTM_LAYOUTS, ids=LSTM_LAYOUT_IDS)
+@pytest.mark.parametrize("kind", ["discrete", "box", "cartpole"])
+def test_lean_recurrent_step_reproduces_the_policy_forward_pass(kind: str, policy_kwargs: dict) -> None:
+    from sb3_contrib.common.recurrent.type_aliases import RNNStates
+
+    from sb3_trpo_ext.recurrent.lean_step import make_lean_recurrent_step
+
+    model = only_collected(kind, n_envs=4, policy_kwargs=policy_kwargs)
+    policy = model.policy
+    step = make_lean_recurrent_step(policy, model.action_space, use_sde=False)
+    assert step is not None
+    rng = np.random.default_rng(0)
+    shape = (1, 4, 8)
+    states = RNNStates(*(tuple(th.randn(shape) for _ in range(2)) for _ in range(2)))
+    lean_states = states
+    for t in range(30):
+        obs = model.policy.obs_to_tensor(np.stack([model.observation_space.sample() for _ in range(4)]))[0]
+        starts = rng.random(4) < (0.0 if t % 3 == 0 else 0.4)  # steps without and with episode starts
+        seed = 1000 + t
+        th.manual_seed(seed)
+        with th.no_grad(), th.backends.mkldnn.flags(enabled=False):  # PyTorch's native LSTM kernel, as lstm_cell
+            actions, values, log_probs, states = policy(obs, states, th.tensor(starts, dtype=th.float32))
+        th.manual_seed(seed)
+        with th.no_grad():
+            lean_actions, lean_values, lean_log_probs, lean_states = step(obs, lean_states, starts)
+        assert same_bits(actions.numpy(), lean_actions)
+        assert same_bits(values.numpy(), lean_values.numpy())
+        assert same_bits(log_probs.numpy(), lean_log_probs.numpy())
+        for ref, lean in zip((*states.pi, *states.vf), (*lean_states.pi, *lean_states.vf)):
+            assert same_bits(ref.numpy(), lean.numpy())
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags says it
+@pytest.mark.parametrize("kind", ["discrete", "box", "cartpole"])
+def test_lean_recurrent_rollout_fills_the_buffer_as_the_policy_forward_pass(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sb3_trpo_ext.recurrent.trpo as recurrent_module
+
+    with th.backends.mkldnn.flags(enabled=False):
+        lean = only_collected(kind)
+        monkeypatch.setattr(recurrent_module, "make_lean_recurrent_step", lambda *args: None)
+        generic = only_collected(kind)
+    for name in ("observations", "actions", "rewards", "episode_starts", "values", "log_probs", "advantages", "returns"):
+        assert same_bits(getattr(lean.rollout_buffer, name), getattr(generic.rollout_buffer, name)), name
+    for name in ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf"):
+        assert same_bits(getattr(lean.rollout_buffer, name), getattr(generic.rollout_buffer, name)), name
+    assert lean.rollout_buffer.episode_starts[1:].any()  # the rollout crossed episode starts
+
+
+def test_lean_recurrent_step_falls_back_where_it_does_not_apply() -> None:
+    from sb3_trpo_ext.recurrent.lean_step import make_lean_recurrent_step
+
+    two_layers = only_collected("box", policy_kwargs={**TINY_LSTM, "n_lstm_layers": 2})
+    assert make_lean_recurrent_step(two_layers.policy, two_layers.action_space, use_sde=False) is None
+    multibinary = only_collected("multibinary")
+    assert make_lean_recurrent_step(multibinary.policy, multibinary.action_space, use_sde=False) is None
+    box = only_collected("box")
+    assert make_lean_recurrent_step(box.policy, box.action_space, use_sde=True) is None

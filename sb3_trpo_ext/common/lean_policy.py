@@ -32,6 +32,7 @@ from torch.distributions import Normal
 from torch.nn import functional as F
 
 PolicyStep = Callable[[PyTorchObs], tuple[np.ndarray, th.Tensor, th.Tensor]]
+PolicyHeads = Callable[[th.Tensor, th.Tensor], tuple[np.ndarray, th.Tensor, th.Tensor]]
 _HALF_LOG_TWO_PI = math.log(math.sqrt(2 * math.pi))  # the constant of torch.distributions.Normal.log_prob
 _HALF_LOG_TWO_PI_F32 = np.float32(_HALF_LOG_TWO_PI)  # torch subtracts a Python float from float32 as float32
 
@@ -198,10 +199,35 @@ def _make_step(
     """:func:`make_lean_policy_step` without its floating-point error guard."""
     if type(policy) not in (ActorCriticPolicy, ActorCriticCnnPolicy, MultiInputActorCriticPolicy):
         return None
+    heads = make_lean_heads(policy, action_space, use_sde, numpy_elementwise)
+    if heads is None:
+        return None
+    latents = latents_fn(policy, policy.observation_space)
+
+    def step(obs: PyTorchObs) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
+        return heads(*latents(obs))
+
+    return step
+
+
+def make_lean_heads(
+    policy: ActorCriticPolicy, action_space: spaces.Space, use_sde: bool, numpy_elementwise: bool
+) -> PolicyHeads | None:
+    """
+    The part of ``ActorCriticPolicy.forward`` after the latent features: the value head, the action head, one draw
+    from the action distribution and its log-probability, the same tensor operations in the same order as SB3's.
+
+    :param policy: The policy (an ``ActorCriticPolicy`` or a subclass that keeps its heads and distributions, such as
+        sb3-contrib's ``RecurrentActorCriticPolicy``; the caller checks the class)
+    :param action_space: The action space
+    :param use_sde: Whether gSDE is used
+    :param numpy_elementwise: See :func:`make_lean_policy_step`
+    :return: ``(latent_pi, latent_vf) -> (actions as a NumPy array, values, log_probs)``, or ``None`` for a
+        distribution or head it does not cover
+    """
     value_head, action_head = policy.value_net, policy.action_net
     if not isinstance(value_head, nn.Linear) or not isinstance(action_head, nn.Linear) or policy.squash_output:
         return None
-    latents = latents_fn(policy, policy.observation_space)
     distribution = policy.action_dist
     action_shape = (-1, *action_space.shape)  # type: ignore[misc]
     v_weight, v_bias, a_weight, a_bias = value_head.weight, value_head.bias, action_head.weight, action_head.bias
@@ -213,8 +239,7 @@ def _make_step(
         rows = (std_row, minus_two_var_row, log_scale_row)
         std_np, minus_two_var_np, log_scale_np = (row.detach().cpu().numpy() for row in rows)
 
-        def gaussian_step(obs: PyTorchObs) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
-            latent_pi, latent_vf = latents(obs)
+        def gaussian_step(latent_pi: th.Tensor, latent_vf: th.Tensor) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
             values = F.linear(latent_vf, v_weight, v_bias)
             mean = F.linear(latent_pi, a_weight, a_bias)
             # Normal.sample is torch.normal(mean, std), which is standard normal noise scaled by std, then shifted by mean:
@@ -236,8 +261,7 @@ def _make_step(
         gsde = distribution
         std_sq = gsde.get_std(policy.log_std) ** 2
 
-        def gsde_step(obs: PyTorchObs) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
-            latent_pi, latent_vf = latents(obs)
+        def gsde_step(latent_pi: th.Tensor, latent_vf: th.Tensor) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
             values = F.linear(latent_vf, v_weight, v_bias)
             mean = F.linear(latent_pi, a_weight, a_bias)
             # Normal(mean, sqrt(latent^2 @ std^2 + eps)); the action is mean + latent @ exploration matrix
@@ -262,8 +286,7 @@ def _make_step(
 
     if type(distribution) is CategoricalDistribution:
 
-        def categorical_step(obs: PyTorchObs) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
-            latent_pi, latent_vf = latents(obs)
+        def categorical_step(latent_pi: th.Tensor, latent_vf: th.Tensor) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
             values = F.linear(latent_vf, v_weight, v_bias)
             logits = F.linear(latent_pi, a_weight, a_bias)
             # Categorical(logits): normalised logits, probabilities by softmax, one multinomial draw per row

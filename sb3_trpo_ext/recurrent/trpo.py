@@ -32,6 +32,7 @@ from sb3_trpo_ext.common.policy_utils import (
     index_observations,
     split_actor_critic_parameters,
 )
+from sb3_trpo_ext.recurrent.lean_step import make_lean_recurrent_step
 from sb3_trpo_ext.recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
 from sb3_trpo_ext.trpo.trpo import TRPO
 
@@ -299,6 +300,8 @@ class RecurrentTRPO(TRPO):
         if self.use_sde:
             self.policy.reset_noise(env.num_envs)
         env_step = make_lean_env_step(env) or env.step  # env.step's results with cheaper copies
+        # One LSTM step at a time with torch.lstm_cell where the policy allows (the policy's forward pass otherwise)
+        lean_step = make_lean_recurrent_step(self.policy, self.action_space, self.use_sde)
         callback.on_rollout_start()
         lstm_states = deepcopy(self._last_lstm_states)
 
@@ -307,9 +310,12 @@ class RecurrentTRPO(TRPO):
                 self.policy.reset_noise(env.num_envs)
             with th.no_grad():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-                episode_starts = th.tensor(self._last_episode_starts, dtype=th.float32, device=self.device)
-                actions, values, log_probs, lstm_states = self.policy(obs_tensor, lstm_states, episode_starts)
-            actions = actions.cpu().numpy()
+                if lean_step is not None:
+                    actions, values, log_probs, lstm_states = lean_step(obs_tensor, lstm_states, self._last_episode_starts)  # type: ignore[arg-type]
+                else:
+                    episode_starts = th.tensor(self._last_episode_starts, dtype=th.float32, device=self.device)
+                    actions, values, log_probs, lstm_states = self.policy(obs_tensor, lstm_states, episode_starts)
+                    actions = actions.cpu().numpy()
             clipped_actions = actions
             if isinstance(self.action_space, spaces.Box):
                 clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)
