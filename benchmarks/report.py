@@ -294,8 +294,8 @@ def returns_table(
         "confidence interval over seeds. Hyperparameters: the RL Zoo's `trpo.yml`, identical for both "
         "implementations (MuJoCo -v5 with the -v4 entries). The same numbers are not the same trust region for "
         "Box actions: sb3-contrib averages its KL over the action dimensions, so its steps are larger (see "
-        "[Coming from sb3-contrib](#coming-from-sb3-contrib-the-same-target_kl-is-a-smaller-trust-region) and the "
-        "table of the translated arm below it, where it has results).\n\n"
+        "[Coming from sb3-contrib](#coming-from-sb3-contrib-the-same-target_kl-is-a-smaller-trust-region)); "
+        "`--algo trpo_ext` therefore ships the translated numbers, whose results are in the second table.\n\n"
         + "\n".join(lines)
         + matched
         + "\n\nPublished TRPO numbers (other versions of the environments, other protocols; for orientation only):\n"
@@ -305,36 +305,64 @@ def returns_table(
     )
 
 
+def action_dimension_factor(env_id: str) -> int:
+    """
+    :param env_id: a Gymnasium environment id.
+    :return: how many values sb3-contrib's TRPO averages its KL over (``d`` for a Box action, 1 for Discrete).
+    """
+    import gymnasium as gym
+
+    from sb3_trpo_ext.common.contrib_compat import kl_dimension_factor
+
+    env = gym.make(env_id)
+    try:
+        return kl_dimension_factor(env.action_space)
+    finally:
+        env.close()
+
+
 def matched_table(results: dict[tuple[str, str], list[dict[str, Any]]], envs: tuple[str, ...]) -> str:
     """
-    The extra arm with sb3-contrib's trust region (:data:`~benchmarks.common.MATCHED`) beside both packages, each on
-    the seeds the extra arm ran.
+    The settings ``--algo trpo_ext`` ships (sb3-contrib's trust region): the extra arm
+    (:data:`~benchmarks.common.MATCHED`) beside both packages, each on the seeds that arm ran. Where ``d = 1``
+    the shipped settings are the zoo's numbers, so the sb3_trpo_ext cells are those runs.
 
     :param results: the loaded results.
     :param envs: the campaign's environments.
     :return: Markdown (empty when the extra arm has no results).
     """
+    if not any(results.get((MATCHED, env_id)) for env_id in envs):
+        return ""
     lines = []
     for env_id in envs:
-        runs = results.get((MATCHED, env_id), [])
+        factor = action_dimension_factor(env_id)
+        arm = "sb3_trpo_ext" if factor == 1 else MATCHED
+        runs = results.get((arm, env_id), [])
         if not runs:
+            lines.append(f"| {env_id} | {factor} | | | missing | | |")
             continue
-        seeds = [run["seed"] for run in runs]
-        region = runs[0].get("trust_region", {})
+        seeds = sorted(run["seed"] for run in runs)
+        if factor == 1:
+            trust = "the zoo's (d = 1)"
+        else:
+            region = runs[0].get("trust_region", {})
+            trust = f"{region.get('target_kl', float('nan')):g} / {region.get('cg_damping', float('nan')):g}"
         cells = []
-        for impl in (MATCHED, *IMPLS):
+        for impl in (arm, "sb3_contrib", "sb3_trpo_ext"):
             finals = [run["final_return"] for run in results.get((impl, env_id), []) if run["seed"] in seeds]
             cells.append(f"{np.mean(finals):.1f} ± {np.std(finals):.1f} ({len(finals)})" if finals else "missing")
-        trust = f"{region.get('target_kl', float('nan')):g} / {region.get('cg_damping', float('nan')):g}"
-        lines.append(f"| {env_id} | {' '.join(map(str, seeds))} | {trust} | " + " | ".join(cells) + " |")
-    if not lines:
-        return ""
+        if factor == 1:
+            cells[2] = "same runs"
+        lines.append(f"| {env_id} | {factor} | {' '.join(map(str, seeds))} | {trust} | " + " | ".join(cells) + " |")
     return (
-        "\n\nSame trust region as sb3-contrib: `sb3_trpo_ext_contrib_kl` is sb3_trpo_ext with the zoo's `target_kl` and "
-        "`cg_damping` multiplied by the number of action dimensions (`from_sb3_contrib`; sb3-contrib averages its KL "
-        "over them), all else equal. Final return, mean ± std (runs) on the seeds this arm ran:\n\n"
-        "| environment | seeds | target_kl / cg_damping used | sb3_trpo_ext_contrib_kl | sb3_trpo_ext | sb3_contrib |\n"
-        "|---|---|---|---:|---:|---:|\n" + "\n".join(lines)
+        "\n\n`--algo trpo_ext`'s settings (the packaged `trpo_ext.yml`): the zoo's numbers with `target_kl` and "
+        "`cg_damping` multiplied by the number `d` of Box action dimensions (`from_sb3_contrib`), which is "
+        "sb3-contrib's trust region, all else equal. These are the cells of the arm `sb3_trpo_ext_contrib_kl` where "
+        "`d > 1`, and the sb3_trpo_ext cells where `d = 1` (the same settings). Final return, mean ± std (runs) on "
+        "the seeds this arm ran, beside both implementations with the zoo's numbers on the same seeds:\n\n"
+        "| environment | d | seeds | target_kl / cg_damping | sb3_trpo_ext, packaged settings | sb3_contrib | "
+        "sb3_trpo_ext, zoo's numbers |\n"
+        "|---|---:|---|---|---:|---:|---:|\n" + "\n".join(lines)
     )
 
 

@@ -133,7 +133,7 @@ def test_smoke_pipeline_writes_results_figures_and_readme_tables(tmp_path: Path)
     assert "| CartPole-v1 |" in text and "| HalfCheetah-v5 | 1M | missing (0/5 seeds)" in text
     assert "Floor ratio, HalfCheetah-v5" in text
     assert "| MaskableTRPO |" in text and "| RecurrentTRPO |" in text
-    assert "| Pendulum-v1 | 0 | 0.01 / 0.1 |" in text  # the extra arm's table (d = 1: the same numbers)
+    assert "| Pendulum-v1 | 1 | 0 1 | the zoo's (d = 1) |" in text  # the packaged settings' table (d = 1: the same runs)
     for name in ("returns_CartPole-v1", "returns_Pendulum-v1", "returns_all", "speed_batch", "speed_width", "speed_n_envs"):
         assert (figures / f"{name}.png").stat().st_size > 0
 
@@ -151,3 +151,26 @@ def test_fingerprint_is_reproducible_and_tells_a_different_training_apart(tmp_pa
         [sys.executable, "-m", "benchmarks.fingerprint", "--compare", str(changed)], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 1 and "DIFFERENT" in result.stdout
+
+
+def test_packaged_settings_table_takes_the_translated_arm_where_d_exceeds_one() -> None:
+    from benchmarks.report import matched_table
+
+    def run(seed: int, final: float, **extra: object) -> dict:
+        return {"seed": seed, "final_return": final, **extra}
+
+    region = {"trust_region": {"target_kl": 0.02, "cg_damping": 0.2}}
+    results = {
+        (MATCHED, "LunarLanderContinuous-v3"): [run(0, 10.0, **region), run(1, 20.0, **region)],
+        ("sb3_contrib", "LunarLanderContinuous-v3"): [run(0, 1.0), run(1, 3.0), run(2, 100.0)],
+        ("sb3_trpo_ext", "LunarLanderContinuous-v3"): [run(0, 5.0), run(1, 7.0)],
+        ("sb3_trpo_ext", "CartPole-v1"): [run(0, 500.0)],
+        (MATCHED, "CartPole-v1"): [run(0, -1.0)],  # d = 1: the sb3_trpo_ext runs are the packaged settings' runs
+        ("sb3_contrib", "CartPole-v1"): [run(0, 400.0)],
+    }
+    table = matched_table(results, ("CartPole-v1", "LunarLanderContinuous-v3", "Hopper-v5"))
+    # the contrib seed the arm did not run (seed 2) is left out of the comparison
+    assert "| LunarLanderContinuous-v3 | 2 | 0 1 | 0.02 / 0.2 | 15.0 ± 5.0 (2) | 2.0 ± 1.0 (2) | 6.0 ± 1.0 (2) |" in table
+    assert "| CartPole-v1 | 1 | 0 | the zoo's (d = 1) | 500.0 ± 0.0 (1) | 400.0 ± 0.0 (1) | same runs |" in table
+    assert "| Hopper-v5 | 3 | | | missing | | |" in table
+    assert matched_table({("sb3_trpo_ext", "CartPole-v1"): [run(0, 500.0)]}, ("CartPole-v1",)) == ""

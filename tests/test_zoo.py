@@ -27,7 +27,8 @@ import optuna
 import pytest
 import yaml
 
-from sb3_trpo_ext import TRPO
+from sb3_trpo_ext import TRPO, from_sb3_contrib
+from sb3_trpo_ext.common.contrib_compat import kl_dimension_factor
 from sb3_trpo_ext.zoo import (
     HYPERPARAMS_DIR,
     ZOO_ALGORITHMS,
@@ -283,19 +284,81 @@ def test_register_by_hand_without_the_start_up_hook(tmp_path: Path) -> None:
 # --- Hyperparameters ----------------------------------------------------------------------------------------------
 
 
-def test_packaged_hyperparams_keep_every_zoo_trpo_entry() -> None:
+#: Action dimensions of the zoo's PyBullet entries (pybullet_envs, which Gymnasium 1.x cannot make here): the number
+#: of actuated joints of each robot.
+PYBULLET_ACTION_DIMS = {
+    "HalfCheetahBulletEnv-v0": 6,
+    "AntBulletEnv-v0": 8,
+    "Walker2DBulletEnv-v0": 6,
+    "HopperBulletEnv-v0": 3,
+    "ReacherBulletEnv-v0": 2,
+    "MinitaurBulletEnv-v0": 8,
+    "MinitaurBulletDuckEnv-v0": 8,
+    "HumanoidBulletEnv-v0": 17,
+    "InvertedDoublePendulumBulletEnv-v0": 1,
+    "InvertedPendulumSwingupBulletEnv-v0": 1,
+}
+
+
+def action_space_of(env_id: str) -> gym.Space:
+    if env_id in PYBULLET_ACTION_DIMS:
+        return gym.spaces.Box(-1.0, 1.0, (PYBULLET_ACTION_DIMS[env_id],))
+    env = gym.make(env_id)
+    try:
+        return env.action_space
+    finally:
+        env.close()
+
+
+def contrib_experiment(env_id: str, zoo_entry: dict[str, Any]) -> dict[str, Any]:
+    """The zoo's entry for sb3-contrib's TRPO in this package's units: target_kl and cg_damping times d for a Box."""
+    space = action_space_of(env_id)
+    if kl_dimension_factor(space) == 1:
+        return zoo_entry
+    return from_sb3_contrib(space, **zoo_entry)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the zoo's -v4 MuJoCo entries
+def test_packaged_hyperparams_run_sb3_contribs_experiment_for_every_zoo_trpo_entry() -> None:
     zoo_entries, ours = load_yaml(ZOO_TRPO_YML), load_yaml(PACKAGED_YML)
     assert "default" in ours
+    translated = 0
     for env_id, hyperparams in zoo_entries.items():
         assert env_id in ours, env_id
-        assert ours[env_id] == hyperparams, env_id
+        if env_id == "default":
+            assert ours[env_id] == hyperparams
+            continue
+        expected = contrib_experiment(env_id, hyperparams)
+        assert ours[env_id] == expected, env_id
+        translated += expected != hyperparams
+    assert translated == 17  # every Box entry of d > 1: LunarLanderContinuous, BipedalWalker(Hardcore), 6 MuJoCo, 8 PyBullet
 
 
 @pytest.mark.parametrize("name", MUJOCO_ENVS)
 def test_mujoco_v5_entries_carry_the_v4_values(name: str) -> None:
     zoo_entries, ours = load_yaml(ZOO_TRPO_YML), load_yaml(PACKAGED_YML)
     # Environments without a tuned -v4 entry get the zoo's MuJoCo defaults (the `&mujoco-defaults` anchor, Ant-v4).
-    assert ours[f"{name}-v5"] == zoo_entries.get(f"{name}-v4", zoo_entries["Ant-v4"])
+    zoo_entry = zoo_entries.get(f"{name}-v4", zoo_entries["Ant-v4"])
+    assert ours[f"{name}-v5"] == contrib_experiment(f"{name}-v5", zoo_entry)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("env_id", ["LunarLanderContinuous-v3", "HalfCheetah-v5", "Humanoid-v5", "Pendulum-v1", "CartPole-v1"])
+def test_returns_benchmarks_translated_arm_runs_the_packaged_settings(env_id: str) -> None:
+    """The returns benchmark's arm `sb3_trpo_ext_contrib_kl` (the zoo's settings through from_sb3_contrib) trains with
+    what `--algo trpo_ext` reads from the packaged file: its results are those of the shipped settings."""
+    import inspect
+
+    from benchmarks.common import zoo_config
+
+    config = zoo_config(env_id)
+    matched = from_sb3_contrib(action_space_of(env_id), **config.model_kwargs)
+    packaged = dict(load_yaml(PACKAGED_YML)[env_id])
+    for key in ("n_timesteps", "n_envs", "normalize"):  # read by the zoo, not TRPO's arguments
+        packaged.pop(key, None)
+    defaults = inspect.signature(TRPO.__init__).parameters
+    packaged = {"target_kl": defaults["target_kl"].default, "cg_damping": defaults["cg_damping"].default, **packaged}
+    assert matched == packaged
 
 
 @pytest.mark.parametrize("key", [row.key for row in ZOO_ALGORITHMS])
