@@ -295,7 +295,9 @@ def returns_table(
         "implementations (MuJoCo -v5 with the -v4 entries). The same numbers are not the same trust region for "
         "Box actions: sb3-contrib averages its KL over the action dimensions, so its steps are larger (see "
         "[Coming from sb3-contrib](#coming-from-sb3-contrib-the-same-target_kl-is-a-smaller-trust-region)); "
-        "`--algo trpo_ext` therefore ships the translated numbers, whose results are in the second table.\n\n"
+        "`--algo trpo_ext` therefore ships the translated numbers"
+        + (", whose results are in the second table" if matched else "")
+        + ".\n\n"
         + "\n".join(lines)
         + matched
         + "\n\nPublished TRPO numbers (other versions of the environments, other protocols; for orientation only):\n"
@@ -360,7 +362,7 @@ def matched_table(results: dict[tuple[str, str], list[dict[str, Any]]], envs: tu
         "sb3-contrib's trust region, all else equal. These are the cells of the arm `sb3_trpo_ext_contrib_kl` where "
         "`d > 1`, and the sb3_trpo_ext cells where `d = 1` (the same settings). Final return, mean ± std (runs) on "
         "the seeds this arm ran, beside both implementations with the zoo's numbers on the same seeds:\n\n"
-        "| environment | d | seeds | target_kl / cg_damping | sb3_trpo_ext, packaged settings | sb3_contrib | "
+        "| environment | d (1: Discrete) | seeds | target_kl / cg_damping | sb3_trpo_ext, packaged settings | sb3_contrib | "
         "sb3_trpo_ext, zoo's numbers |\n"
         "|---|---:|---|---|---:|---:|---:|\n" + "\n".join(lines)
     )

@@ -376,8 +376,16 @@ def test_lean_recurrent_rollout_fills_the_buffer_as_the_policy_forward_pass(
 ) -> None:
     import sb3_trpo_ext.recurrent.trpo as recurrent_module
 
+    make_step, built = recurrent_module.make_lean_recurrent_step, []
+
+    def recording(*args: object) -> object:
+        built.append(make_step(*args))  # type: ignore[arg-type]
+        return built[-1]
+
     with th.backends.mkldnn.flags(enabled=False):
+        monkeypatch.setattr(recurrent_module, "make_lean_recurrent_step", recording)
         lean = only_collected(kind)
+        assert built and all(step is not None for step in built)  # the lean step ran
         monkeypatch.setattr(recurrent_module, "make_lean_recurrent_step", lambda *args: None)
         generic = only_collected(kind)
     for name in ("observations", "actions", "rewards", "episode_starts", "values", "log_probs", "advantages", "returns"):
@@ -396,3 +404,22 @@ def test_lean_recurrent_step_falls_back_where_it_does_not_apply() -> None:
     assert make_lean_recurrent_step(multibinary.policy, multibinary.action_space, use_sde=False) is None
     box = only_collected("box")
     assert make_lean_recurrent_step(box.policy, box.action_space, use_sde=True) is None
+
+
+def test_callbacks_see_recurrent_ppos_rollout_locals() -> None:
+    from stable_baselines3.common.callbacks import CallbackList
+
+    from tests.test_fast_paths import KeysRecorder
+
+    keys = {}
+    for algo in (RecurrentTRPO, RecurrentPPO):
+        env = make_vec_env(lambda: make_env("cartpole"), n_envs=2, seed=0)
+        model = algo("MlpLstmPolicy", env, n_steps=16, batch_size=16, policy_kwargs=TINY_LSTM, seed=0)
+        recorder = KeysRecorder()
+        _, callback = model._setup_learn(32, callback=recorder)
+        callback = CallbackList([recorder]) if callback is None else callback
+        callback.on_training_start({}, {})
+        assert model.collect_rollouts(model.env, callback, model.rollout_buffer, 16)
+        keys[algo] = recorder.keys
+    assert "episode_starts" in keys[RecurrentPPO]
+    assert keys[RecurrentPPO] <= keys[RecurrentTRPO], keys[RecurrentPPO] - keys[RecurrentTRPO]

@@ -310,10 +310,10 @@ class RecurrentTRPO(TRPO):
                 self.policy.reset_noise(env.num_envs)
             with th.no_grad():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
+                episode_starts = th.tensor(self._last_episode_starts, dtype=th.float32, device=self.device)
                 if lean_step is not None:
                     actions, values, log_probs, lstm_states = lean_step(obs_tensor, lstm_states, self._last_episode_starts)  # type: ignore[arg-type]
                 else:
-                    episode_starts = th.tensor(self._last_episode_starts, dtype=th.float32, device=self.device)
                     actions, values, log_probs, lstm_states = self.policy(obs_tensor, lstm_states, episode_starts)
                     actions = actions.cpu().numpy()
             clipped_actions = actions
@@ -331,16 +331,20 @@ class RecurrentTRPO(TRPO):
             if isinstance(self.action_space, spaces.Discrete):
                 actions = actions.reshape(-1, 1)
             # Bootstrap truncated episodes with the value of their last observation (SB3 issue 633)
-            for idx in np.flatnonzero(dones):
-                if infos[idx].get("terminal_observation") is not None and infos[idx].get("TimeLimit.truncated", False):
+            for idx, done_ in enumerate(dones):  # RecurrentPPO's loop (and names, for callbacks reading locals)
+                if (
+                    done_
+                    and infos[idx].get("terminal_observation") is not None
+                    and infos[idx].get("TimeLimit.truncated", False)
+                ):
                     terminal_obs = self.policy.obs_to_tensor(infos[idx]["terminal_observation"])[0]
                     with th.no_grad():
-                        terminal_state = (
+                        terminal_lstm_state = (
                             lstm_states.vf[0][:, idx : idx + 1, :].contiguous(),
                             lstm_states.vf[1][:, idx : idx + 1, :].contiguous(),
                         )
                         not_a_start = th.zeros(1, dtype=th.float32, device=self.device)
-                        terminal_value = self.policy.predict_values(terminal_obs, terminal_state, not_a_start)[0]  # type: ignore[arg-type]
+                        terminal_value = self.policy.predict_values(terminal_obs, terminal_lstm_state, not_a_start)[0]  # type: ignore[arg-type]
                     rewards[idx] += self.gamma * terminal_value
 
             rollout_buffer.add(
