@@ -404,6 +404,11 @@ def test_lean_recurrent_step_falls_back_where_it_does_not_apply() -> None:
     assert make_lean_recurrent_step(multibinary.policy, multibinary.action_space, use_sde=False) is None
     box = only_collected("box")
     assert make_lean_recurrent_step(box.policy, box.action_space, use_sde=True) is None
+    # an LSTM without biases (the kernel call passes four weight tensors)
+    no_bias = only_collected("box", policy_kwargs={**TINY_LSTM, "lstm_kwargs": {"bias": False}})
+    assert make_lean_recurrent_step(no_bias.policy, no_bias.action_space, use_sde=False) is None
+    unshared = only_collected("box", policy_kwargs={**TINY_LSTM, "share_features_extractor": False})
+    assert make_lean_recurrent_step(unshared.policy, unshared.action_space, use_sde=False) is None
 
 
 def test_callbacks_see_recurrent_ppos_rollout_locals() -> None:
