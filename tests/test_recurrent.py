@@ -361,7 +361,9 @@ def test_lean_recurrent_step_reproduces_the_policy_forward_pass(kind: str, polic
             actions, values, log_probs, states = policy(obs, states, th.tensor(starts, dtype=th.float32))
         th.manual_seed(seed)
         with th.no_grad():
-            lean_actions, lean_values, lean_log_probs, lean_states = step(obs, lean_states, starts)
+            lean_actions, lean_values, lean_log_probs, lean_states = step(
+                obs, lean_states, th.tensor(starts, dtype=th.float32)
+            )
         assert same_bits(actions.numpy(), lean_actions)
         assert same_bits(values.numpy(), lean_values.numpy())
         assert same_bits(log_probs.numpy(), lean_log_probs.numpy())

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from sb3_trpo_ext.common.lean_policy import compile_plain_mlp, is_plain_box, make_lean_heads, plain_mlp
 
 #: ``(obs, lstm_states, episode_starts) -> (actions as a NumPy array, values, log_probs, new lstm_states)``
-RecurrentStep = Callable[[PyTorchObs, RNNStates, np.ndarray], tuple[np.ndarray, th.Tensor, th.Tensor, RNNStates]]
+RecurrentStep = Callable[[PyTorchObs, RNNStates, th.Tensor], tuple[np.ndarray, th.Tensor, th.Tensor, RNNStates]]
 LSTMState = tuple[th.Tensor, ...]  # (hidden, cell), each (1, batch, hidden size)
 
 
@@ -67,9 +67,9 @@ def make_lean_recurrent_step(
     :param policy: The recurrent policy
     :param action_space: The action space
     :param use_sde: Whether gSDE is used (then ``None``: the policy's own forward pass is used)
-    :return: ``(obs_tensor, lstm_states, episode_starts) -> (actions, values, log_probs, lstm_states)`` with the
-        results of ``policy(obs_tensor, lstm_states, th.tensor(episode_starts, dtype=float32))`` (see the module
-        docstring for the rounding of oneDNN's LSTM), or ``None``
+    :return: ``(obs_tensor, lstm_states, episode_starts) -> (actions, values, log_probs, lstm_states)``, the
+        arguments and results of ``policy(obs_tensor, lstm_states, episode_starts)`` (``episode_starts`` a float32
+        tensor; see the module docstring for the rounding of oneDNN's LSTM), or ``None``
     """
     classes = (RecurrentActorCriticPolicy, RecurrentActorCriticCnnPolicy, RecurrentMultiInputActorCriticPolicy)
     if type(policy) not in classes or use_sde or policy.device.type != "cpu":
@@ -82,16 +82,13 @@ def make_lean_recurrent_step(
     actor_layers, critic_layers = plain_mlp(policy.mlp_extractor.policy_net), plain_mlp(policy.mlp_extractor.value_net)
     actor_lstm = _single_step_lstm(policy.lstm_actor)
     critic_lstm = None if policy.lstm_critic is None else _single_step_lstm(policy.lstm_critic)
-    feed_forward_critic = policy.critic if isinstance(policy.critic, nn.Linear) else None
     if actor_layers is None or critic_layers is None or actor_lstm is None:
         return None
     if policy.lstm_critic is not None and critic_lstm is None:
         return None
-    if policy.lstm_critic is None and not policy.shared_lstm and type(feed_forward_critic) is not nn.Linear:
+    linear_critic = policy.critic  # the critic without an LSTM of its own (neither separate nor shared)
+    if policy.lstm_critic is None and not policy.shared_lstm and type(linear_critic) is not nn.Linear:
         return None
-    critic_weight, critic_bias = (
-        (None, None) if feed_forward_critic is None else (feed_forward_critic.weight, feed_forward_critic.bias)
-    )
     heads = make_lean_heads(policy, action_space, use_sde, numpy_elementwise=True)
     if heads is None:
         return None
@@ -108,12 +105,12 @@ def make_lean_recurrent_step(
         return policy.extract_features(obs)  # type: ignore[return-value]  # one extractor: one tensor
 
     def step(
-        obs: PyTorchObs, states: RNNStates, episode_starts: np.ndarray
+        obs: PyTorchObs, states: RNNStates, episode_starts: th.Tensor
     ) -> tuple[np.ndarray, th.Tensor, th.Tensor, RNNStates]:
         features = features_of(obs)
         state_pi, state_vf = states.pi, states.vf
-        if episode_starts.any():  # _process_sequence resets the states of new episodes (and only when there is one)
-            keep = (1.0 - th.as_tensor(episode_starts, dtype=th.float32)).view(1, -1, 1)
+        if episode_starts.numpy().any():  # _process_sequence resets the states of new episodes (only if there is one)
+            keep = (1.0 - episode_starts).view(1, -1, 1)
             state_pi = reset(state_pi, keep)
             if critic_lstm is not None:
                 state_vf = reset(state_vf, keep)
@@ -124,7 +121,7 @@ def make_lean_recurrent_step(
         elif shared_lstm:  # the critic reads the actor's LSTM output
             new_vf, latent_vf = new_pi, new_pi[0][0]
         else:  # a linear layer instead of an LSTM for the critic
-            new_vf, latent_vf = new_pi, F.linear(features, critic_weight, critic_bias)  # type: ignore[arg-type]
+            new_vf, latent_vf = new_pi, F.linear(features, linear_critic.weight, linear_critic.bias)  # type: ignore[union-attr]
         with np.errstate(all="ignore"):  # overflow and NaN propagate silently, as in torch
             actions, values, log_probs = heads(actor_mlp(new_pi[0][0]), critic_mlp(latent_vf))
         return actions, values, log_probs, RNNStates(new_pi, new_vf)

@@ -312,7 +312,7 @@ class RecurrentTRPO(TRPO):
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
                 episode_starts = th.tensor(self._last_episode_starts, dtype=th.float32, device=self.device)
                 if lean_step is not None:
-                    actions, values, log_probs, lstm_states = lean_step(obs_tensor, lstm_states, self._last_episode_starts)  # type: ignore[arg-type]
+                    actions, values, log_probs, lstm_states = lean_step(obs_tensor, lstm_states, episode_starts)
                 else:
                     actions, values, log_probs, lstm_states = self.policy(obs_tensor, lstm_states, episode_starts)
                     actions = actions.cpu().numpy()
