@@ -281,7 +281,13 @@ def returns_table(
             steps = format_steps(runs[0]["n_timesteps"])
             finals = np.asarray([run["final_return"] for run in runs])
             low, high = bootstrap_ci(finals, iqm)
-            seeds = "" if len(runs) >= n_seeds else f" ({len(runs)}/{n_seeds} seeds)"
+            seeds = (
+                ""
+                if len(runs) == n_seeds
+                else f" ({len(runs)}/{n_seeds} seeds)"
+                if len(runs) < n_seeds
+                else f" ({len(runs)} seeds)"
+            )
             cells += [f"{finals.mean():.1f} ± {finals.std():.1f}{seeds}", f"{iqm(finals):.1f} [{low:.1f}, {high:.1f}]"]
         published = [PUBLISHED[source].get(env_id, "") for source in PUBLISHED_SOURCES]
         lines.append(f"| {env_id} | {steps} | " + " | ".join(cells + published) + " |")
@@ -323,6 +329,20 @@ def action_dimension_factor(env_id: str) -> int:
         env.close()
 
 
+def mann_whitney_p(first: list[float], second: list[float]) -> float | None:
+    """
+    :param first: one sample (final returns of one arm).
+    :param second: the other.
+    :return: the two-sided p-value of the Mann-Whitney U test (exact for small samples without ties), or ``None``
+        when either sample has fewer than 2 values.
+    """
+    if len(first) < 2 or len(second) < 2:
+        return None
+    from scipy.stats import mannwhitneyu
+
+    return float(mannwhitneyu(first, second, alternative="two-sided").pvalue)
+
+
 def matched_table(results: dict[tuple[str, str], list[dict[str, Any]]], envs: tuple[str, ...]) -> str:
     """
     The settings ``--algo trpo_ext`` ships (sb3-contrib's trust region): the extra arm
@@ -341,7 +361,7 @@ def matched_table(results: dict[tuple[str, str], list[dict[str, Any]]], envs: tu
         arm = "sb3_trpo_ext" if factor == 1 else MATCHED
         runs = results.get((arm, env_id), [])
         if not runs:
-            lines.append(f"| {env_id} | {factor} | | | missing | | |")
+            lines.append(f"| {env_id} | {factor} | | | missing | | | |")
             continue
         seeds = sorted(run["seed"] for run in runs)
         if factor == 1:
@@ -350,21 +370,27 @@ def matched_table(results: dict[tuple[str, str], list[dict[str, Any]]], envs: tu
             region = runs[0].get("trust_region", {})
             trust = f"{region.get('target_kl', float('nan')):g} / {region.get('cg_damping', float('nan')):g}"
         cells = []
+        finals_of = {}
         for impl in (arm, "sb3_contrib", "sb3_trpo_ext"):
             finals = [run["final_return"] for run in results.get((impl, env_id), []) if run["seed"] in seeds]
+            finals_of[impl] = finals
             cells.append(f"{np.mean(finals):.1f} ± {np.std(finals):.1f} ({len(finals)})" if finals else "missing")
         if factor == 1:
             cells[2] = "same runs"
+        p_value = mann_whitney_p(finals_of[arm], finals_of["sb3_contrib"])
+        cells.insert(2, "" if p_value is None else f"{p_value:.2f}")
         lines.append(f"| {env_id} | {factor} | {' '.join(map(str, seeds))} | {trust} | " + " | ".join(cells) + " |")
     return (
         "\n\n`--algo trpo_ext`'s settings (the packaged `trpo_ext.yml`): the zoo's numbers with `target_kl` and "
         "`cg_damping` multiplied by the number `d` of Box action dimensions (`from_sb3_contrib`), which is "
         "sb3-contrib's trust region, all else equal. These are the cells of the arm `sb3_trpo_ext_contrib_kl` where "
         "`d > 1`, and the sb3_trpo_ext cells where `d = 1` (the same settings). Final return, mean ± std (runs) on "
-        "the seeds this arm ran, beside both implementations with the zoo's numbers on the same seeds:\n\n"
+        "the seeds this arm ran, beside both implementations with the zoo's numbers on the same seeds. p: two-sided "
+        "Mann-Whitney U test of the packaged settings against sb3_contrib on those seeds (a small p: the two differ; "
+        "a large p is not evidence that they are equal, only that these seeds cannot tell them apart):\n\n"
         "| environment | d (1: Discrete) | seeds | target_kl / cg_damping | sb3_trpo_ext, packaged settings | sb3_contrib | "
-        "sb3_trpo_ext, zoo's numbers |\n"
-        "|---|---:|---|---|---:|---:|---:|\n" + "\n".join(lines)
+        "p | sb3_trpo_ext, zoo's numbers |\n"
+        "|---|---:|---|---|---:|---:|---:|---:|\n" + "\n".join(lines)
     )
 
 

@@ -170,7 +170,21 @@ def test_packaged_settings_table_takes_the_translated_arm_where_d_exceeds_one() 
     }
     table = matched_table(results, ("CartPole-v1", "LunarLanderContinuous-v3", "Hopper-v5"))
     # the contrib seed the arm did not run (seed 2) is left out of the comparison
-    assert "| LunarLanderContinuous-v3 | 2 | 0 1 | 0.02 / 0.2 | 15.0 ± 5.0 (2) | 2.0 ± 1.0 (2) | 6.0 ± 1.0 (2) |" in table
-    assert "| CartPole-v1 | 1 | 0 | the zoo's (d = 1) | 500.0 ± 0.0 (1) | 400.0 ± 0.0 (1) | same runs |" in table
-    assert "| Hopper-v5 | 3 | | | missing | | |" in table
+    # p: both arm runs above both contrib runs, the most extreme of the C(4, 2) = 6 orders, two-sided: 2 / 6
+    assert (
+        "| LunarLanderContinuous-v3 | 2 | 0 1 | 0.02 / 0.2 | 15.0 ± 5.0 (2) | 2.0 ± 1.0 (2) | 0.33 | 6.0 ± 1.0 (2) |" in table
+    )
+    assert "| CartPole-v1 | 1 | 0 | the zoo's (d = 1) | 500.0 ± 0.0 (1) | 400.0 ± 0.0 (1) |  | same runs |" in table
+    assert "| Hopper-v5 | 3 | | | missing | | | |" in table
     assert matched_table({("sb3_trpo_ext", "CartPole-v1"): [run(0, 500.0)]}, ("CartPole-v1",)) == ""
+
+
+def test_mann_whitney_p_is_the_exact_two_sided_rank_test() -> None:
+    from benchmarks.report import mann_whitney_p
+
+    # fully separated samples of 3: the 2 most extreme of C(6, 3) = 20 rank orders
+    assert mann_whitney_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(2 / 20)
+    assert mann_whitney_p([4.0, 5.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(2 / 20)
+    # interleaved: U = 2 of 4, the middle of the distribution
+    assert mann_whitney_p([1.0, 4.0], [2.0, 3.0]) == pytest.approx(1.0)
+    assert mann_whitney_p([1.0], [2.0, 3.0]) is None
