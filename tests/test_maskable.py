@@ -4,6 +4,7 @@ distributions (surrogate, KL, Fisher-vector product, line search), and it learns
 import json
 import os
 import zipfile
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -18,11 +19,12 @@ from sb3_contrib.common.wrappers import ActionMasker
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import IdentityEnv, IdentityEnvBox
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
 
 from sb3_trpo_ext.common.numerics import DistParams
 from sb3_trpo_ext.common.policy_utils import distribution_params
 from sb3_trpo_ext.maskable import MaskableTRPO
+from sb3_trpo_ext.maskable.masks import make_mask_getter
 from sb3_trpo_ext.trpo.trpo import TRPO
 from tests.helpers import TINY
 
@@ -359,6 +361,45 @@ def test_masks_from_the_action_masker_wrapper() -> None:
     model.learn(96)
     actions = model.rollout_buffer.actions.flatten()
     assert set(np.unique(actions)) <= {0.0, 1.0}
+
+
+class ArrayMaskEnv(InvalidActionEnvDiscrete):
+    """Masks as an array the environment keeps and changes in place (the getter must hand out copies)."""
+
+    def __init__(self) -> None:
+        super().__init__(dim=6, n_invalid_actions=3)
+        self.mask_array = np.ones(6, dtype=bool)
+
+    def action_masks(self) -> np.ndarray:  # type: ignore[override]
+        self.mask_array[:] = super().action_masks()
+        return self.mask_array
+
+
+@pytest.mark.parametrize("layout", ["dummy1", "dummy3", "normalize", "masker", "subproc"])
+def test_mask_getter_gives_what_get_action_masks_gives(layout: str) -> None:
+    def masker_env() -> gym.Env:
+        return ActionMasker(IdentityEnv(dim=5, ep_length=20), lambda env: [True, env.state != 1, True, False, True])
+
+    make: Any = {"masker": masker_env, "subproc": lambda: InvalidActionEnvDiscrete(dim=6, n_invalid_actions=3)}.get(
+        layout, ArrayMaskEnv
+    )
+    n_envs = {"dummy1": 1, "masker": 1}.get(layout, 3)
+    env: VecEnv = make_vec_env(make, n_envs=n_envs, seed=0, vec_env_cls=SubprocVecEnv if layout == "subproc" else None)
+    if layout == "normalize":
+        env = VecNormalize(env, norm_obs=False)
+    try:
+        getter = make_mask_getter(env)
+        env.reset()
+        for _ in range(30):
+            masks = getter()
+            expected = get_action_masks(env)
+            assert masks.dtype == expected.dtype and masks.shape == expected.shape
+            np.testing.assert_array_equal(masks, expected)
+            if layout in ("dummy1", "dummy3", "normalize"):  # a copy, not the environment's own array
+                assert not np.shares_memory(masks, env.get_attr("mask_array")[0])
+            env.step(np.array([env.action_space.sample() for _ in range(n_envs)]))
+    finally:
+        env.close()
 
 
 def test_env_without_masks_needs_use_masking_false() -> None:

@@ -11,12 +11,14 @@ Background on invalid action masking: https://arxiv.org/abs/2006.14171 (Huang an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from sb3_contrib.common.maskable.utils import EXPECTED_METHOD_NAME, get_action_masks
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
 
 
 def mask_component_sizes(action_space: spaces.Space) -> list[int]:
@@ -76,3 +78,28 @@ def check_action_masks(
                 "at least one action must be allowed in every state"
             )
     return array
+
+
+def make_mask_getter(env: VecEnv) -> Callable[[], np.ndarray]:
+    """
+    ``get_action_masks(env)`` (sb3-contrib: ``np.stack(env.env_method("action_masks"))``) for rollouts. For SB3's
+    ``DummyVecEnv``, alone or under ``VecEnvWrapper`` classes that forward ``env_method`` as they inherit it
+    (``VecNormalize``, ``VecMonitor``, ...), each environment's ``action_masks`` is looked up and called exactly as
+    ``env_method`` does, without its index bookkeeping; anything else calls ``get_action_masks``.
+
+    :param env: The training environment
+    :return: A function returning the current masks of every environment, one row each (a fresh array)
+    """
+    inner: VecEnv = env
+    while isinstance(inner, VecEnvWrapper) and type(inner).env_method is VecEnvWrapper.env_method:
+        if "env_method" in vars(inner):  # replaced on the instance
+            return lambda: get_action_masks(env)
+        inner = inner.venv
+    if type(inner) is not DummyVecEnv or "env_method" in vars(inner) or "_get_target_envs" in vars(inner):
+        return lambda: get_action_masks(env)
+    envs = inner.envs
+    if len(envs) == 1:
+        only = envs[0]
+        # np.stack of one mask: the mask as a (copied) array with a leading axis of 1
+        return lambda: np.array(only.get_wrapper_attr(EXPECTED_METHOD_NAME)())[np.newaxis]
+    return lambda: np.stack([env_i.get_wrapper_attr(EXPECTED_METHOD_NAME)() for env_i in envs])

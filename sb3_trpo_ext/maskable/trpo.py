@@ -11,7 +11,7 @@ import torch as th
 from gymnasium import spaces
 from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer, MaskableRolloutBuffer
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
-from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
+from sb3_contrib.common.maskable.utils import is_masking_supported
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
@@ -25,7 +25,7 @@ from sb3_trpo_ext.common.lean_policy import categorical_draw, latents_fn, make_b
 from sb3_trpo_ext.common.lean_vec_env import make_lean_env_step
 from sb3_trpo_ext.common.numerics import CATEGORICAL, DistParams
 from sb3_trpo_ext.common.policy_utils import distribution_params
-from sb3_trpo_ext.maskable.masks import check_action_masks, mask_component_sizes
+from sb3_trpo_ext.maskable.masks import check_action_masks, make_mask_getter, mask_component_sizes
 from sb3_trpo_ext.maskable.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo_ext.trpo.trpo import TRPO
 
@@ -200,9 +200,13 @@ class MaskableTRPO(TRPO):
     # ----------------------------------------------------------------------------------------------------------
     # Rollouts
     # ----------------------------------------------------------------------------------------------------------
-    def _current_action_masks(self, env: VecEnv) -> np.ndarray:
-        """The masks of every environment for its current state, checked (an empty mask raises)."""
-        return check_action_masks(get_action_masks(env), self.action_space, env.num_envs)
+    def _action_masks_fn(self, env: VecEnv) -> Callable[[], np.ndarray]:
+        """
+        The masks of every environment for its current state (``get_action_masks(env)``), checked: an empty mask
+        raises, naming the environment index.
+        """
+        masks_of, action_space, n_envs = make_mask_getter(env), self.action_space, env.num_envs
+        return lambda: check_action_masks(masks_of(), action_space, n_envs)
 
     def _lean_masked_step(self) -> Callable[[PyTorchObs, np.ndarray | None], tuple[np.ndarray, th.Tensor, th.Tensor]]:
         """
@@ -231,32 +235,43 @@ class MaskableTRPO(TRPO):
         def normalized(logits: th.Tensor) -> th.Tensor:
             return logits - logits.logsumexp(dim=-1, keepdim=True)  # as torch's Categorical(logits=...)
 
-        def step(obs: PyTorchObs, masks: np.ndarray | None) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
+        def mask_tensor(masks: np.ndarray, shape: th.Size) -> th.Tensor:
+            if on_cpu and masks.dtype == np.bool_:  # checked masks: a boolean array already
+                valid = th.from_numpy(masks)
+                return valid if valid.shape == shape else valid.reshape(shape)
+            return th.as_tensor(masks, dtype=th.bool, device=self.device).reshape(shape)
+
+        def masked_draw(logits: th.Tensor, valid: th.Tensor | None) -> tuple[np.ndarray, th.Tensor]:
+            # MaskableCategorical: normalised logits; where masked, -1e8 replaces them; normalised again
+            logits = normalized(logits)
+            if valid is not None:
+                logits = th.where(valid, logits, invalid_logit)
+            return categorical_draw(normalized(logits), on_cpu)  # Categorical.sample
+
+        if len(sizes) == 1:  # Discrete: one categorical component
+
+            def step(obs: PyTorchObs, masks: np.ndarray | None) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
+                latent_pi, latent_vf = latents(obs)
+                values = F.linear(latent_vf, value_head.weight, value_head.bias)
+                logits = F.linear(latent_pi, action_head.weight, action_head.bias)
+                action, log_prob = masked_draw(logits, None if masks is None else mask_tensor(masks, logits.shape))
+                return action.reshape(action_shape), values, log_prob
+
+            return step
+
+        def multi_step(obs: PyTorchObs, masks: np.ndarray | None) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
             latent_pi, latent_vf = latents(obs)
             values = F.linear(latent_vf, value_head.weight, value_head.bias)
             logits = F.linear(latent_pi, action_head.weight, action_head.bias)
-            if masks is None:
-                valid = None
-            elif on_cpu and masks.dtype == np.bool_:  # checked masks: a boolean array already
-                valid = th.from_numpy(masks).reshape(logits.shape)
-            else:
-                valid = th.as_tensor(masks, dtype=th.bool, device=logits.device).reshape(logits.shape)
-            components = [logits] if len(sizes) == 1 else th.split(logits, sizes, dim=1)
-            valid_parts = [valid] * len(sizes) if valid is None or len(sizes) == 1 else th.split(valid, sizes, dim=1)
-            actions, log_probs = [], []
-            for component, component_valid in zip(components, valid_parts):
-                # MaskableCategorical: normalised logits; where masked, -1e8 replaces them; normalised again
-                component = normalized(component)
-                if component_valid is not None:
-                    component = th.where(component_valid, component, invalid_logit)
-                action, log_prob = categorical_draw(normalized(component), on_cpu)  # Categorical.sample
-                actions.append(action)
-                log_probs.append(log_prob)
-            if len(sizes) == 1:
-                return actions[0].reshape(action_shape), values, log_probs[0]
-            return np.concatenate(actions, axis=1).reshape(action_shape), values, th.stack(log_probs, dim=1).sum(dim=1)
+            components = th.split(logits, sizes, dim=1)
+            valid_parts: Any = (
+                [None] * len(sizes) if masks is None else th.split(mask_tensor(masks, logits.shape), sizes, dim=1)
+            )
+            draws = [masked_draw(component, valid) for component, valid in zip(components, valid_parts)]
+            actions = np.concatenate([action for action, _ in draws], axis=1)
+            return actions.reshape(action_shape), values, th.stack([log_prob for _, log_prob in draws], dim=1).sum(dim=1)
 
-        return step
+        return multi_step
 
     def _generic_masked_step(self) -> Callable[[PyTorchObs, np.ndarray | None], tuple[np.ndarray, th.Tensor, th.Tensor]]:
         """``policy(obs, action_masks=masks)``, the actions as a NumPy array."""
@@ -300,13 +315,18 @@ class MaskableTRPO(TRPO):
         direct_add = make_buffer_add(rollout_buffer, classes=(MaskableRolloutBuffer,))
         mask_shape = (rollout_buffer.n_envs, getattr(rollout_buffer, "mask_dims", 0))
         env_step = make_lean_env_step(env) or env.step  # env.step's results with cheaper copies
+        current_masks = self._action_masks_fn(env)
+        on_cpu = self.device.type == "cpu"
         callback.on_rollout_start()
 
         while n_steps < n_rollout_steps:
             with th.no_grad():
-                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
+                if on_cpu and type(self._last_obs) is np.ndarray and self._last_obs.dtype != np.object_:
+                    obs_tensor = th.from_numpy(self._last_obs)  # what obs_as_tensor gives on the CPU, with less overhead
+                else:
+                    obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type,assignment]
                 if use_masking:
-                    action_masks = self._current_action_masks(env)
+                    action_masks = current_masks()
                 actions, values, log_probs = policy_step(obs_tensor, action_masks)
             new_obs, rewards, dones, infos = env_step(actions)
             self.num_timesteps += env.num_envs
