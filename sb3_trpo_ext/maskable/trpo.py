@@ -231,6 +231,8 @@ class MaskableTRPO(TRPO):
         # module-free for plain MLPs on Box observations (sb3-contrib's maskable policies have the same layout)
         latents = latents_fn(policy, self.observation_space)  # type: ignore[arg-type]
         invalid_logit = th.tensor(-1e8, dtype=action_head.weight.dtype, device=self.device)
+        # the weights are fixed during a rollout (and updated in place): looked up once, not per step
+        v_weight, v_bias, a_weight, a_bias = value_head.weight, value_head.bias, action_head.weight, action_head.bias
 
         def normalized(logits: th.Tensor) -> th.Tensor:
             return logits - logits.logsumexp(dim=-1, keepdim=True)  # as torch's Categorical(logits=...)
@@ -252,8 +254,8 @@ class MaskableTRPO(TRPO):
 
             def step(obs: PyTorchObs, masks: np.ndarray | None) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
                 latent_pi, latent_vf = latents(obs)
-                values = F.linear(latent_vf, value_head.weight, value_head.bias)
-                logits = F.linear(latent_pi, action_head.weight, action_head.bias)
+                values = F.linear(latent_vf, v_weight, v_bias)
+                logits = F.linear(latent_pi, a_weight, a_bias)
                 action, log_prob = masked_draw(logits, None if masks is None else mask_tensor(masks, logits.shape))
                 return action.reshape(action_shape), values, log_prob
 
@@ -261,8 +263,8 @@ class MaskableTRPO(TRPO):
 
         def multi_step(obs: PyTorchObs, masks: np.ndarray | None) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
             latent_pi, latent_vf = latents(obs)
-            values = F.linear(latent_vf, value_head.weight, value_head.bias)
-            logits = F.linear(latent_pi, action_head.weight, action_head.bias)
+            values = F.linear(latent_vf, v_weight, v_bias)
+            logits = F.linear(latent_pi, a_weight, a_bias)
             components = th.split(logits, sizes, dim=1)
             valid_parts: Any = (
                 [None] * len(sizes) if masks is None else th.split(mask_tensor(masks, logits.shape), sizes, dim=1)
