@@ -1,6 +1,10 @@
 """The fast paths give the results of SB3's generic code: the lean rollout path fills the buffer bit-identically,
 and the hand-written critic regression computes the autograd gradients and follows torch's Adam."""
 
+import json
+import subprocess
+import sys
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -182,11 +186,22 @@ def test_numpy_critic_runs_blas_on_one_thread_and_leaves_large_products_to_multi
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    seen: list[set[int]] = []
+    # NumPy's own BLAS: what `import numpy` loads in a fresh interpreter (other packages, such as SciPy, may load
+    # BLAS libraries of their own into this process; those do not run NumPy's products)
+    script = (
+        "import json, numpy, threadpoolctl; "
+        "print(json.dumps([p['filepath'] for p in threadpoolctl.threadpool_info() if p['user_api'] == 'blas']))"
+    )
+    numpy_blas = set(
+        json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    )
+    assert numpy_blas, "NumPy loaded no BLAS library that threadpoolctl can see"
+    seen: list[dict[str, int]] = []
     original = FastMlpCritic.numpy_loss_and_gradients
 
     def spy(self: FastMlpCritic, *args: object) -> object:
-        seen.append({pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"})
+        threads = {pool["filepath"]: pool["num_threads"] for pool in threadpoolctl.threadpool_info()}
+        seen.append({path: threads[path] for path in numpy_blas})
         return original(self, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(FastMlpCritic, "numpy_loss_and_gradients", spy)
@@ -200,7 +215,7 @@ def test_numpy_critic_runs_blas_on_one_thread_and_leaves_large_products_to_multi
             model._critic_regression(th.randn(64, 3), th.randn(64))
             assert isinstance(model._fast_critic, FastMlpCritic)
             assert len(seen) == (2 if numpy_expected else 0), (torch_threads, max_products)
-            assert all(pools <= {1} for pools in seen)
+            assert all(set(pools.values()) == {1} for pools in seen)
     finally:
         th.set_num_threads(threads)
 
