@@ -8,6 +8,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch as th
 
 from benchmarks.common import MATCHED, make_model, make_train_env, zoo_config
 from benchmarks.report import (
@@ -188,3 +189,26 @@ def test_mann_whitney_p_is_the_exact_two_sided_rank_test() -> None:
     # interleaved: U = 2 of 4, the middle of the distribution
     assert mann_whitney_p([1.0, 4.0], [2.0, 3.0]) == pytest.approx(1.0)
     assert mann_whitney_p([1.0], [2.0, 3.0]) is None
+
+
+def test_line_search_probe_records_every_update_and_leaves_training_unchanged() -> None:
+    from benchmarks.line_search_probe import ProbedTRPO, summary
+    from sb3_trpo_ext import TRPO
+
+    kwargs = {"n_steps": 256, "batch_size": 64, "seed": 3, "policy_kwargs": {"net_arch": [16]}}
+    probed = ProbedTRPO("MlpPolicy", "Pendulum-v1", **kwargs)
+    probed.records = []
+    probed.learn(768)
+    plain = TRPO("MlpPolicy", "Pendulum-v1", **kwargs).learn(768)
+    for a, b in zip(probed.policy.parameters(), plain.policy.parameters()):
+        assert th.equal(a, b)  # the probe restores what the line search chose, bit for bit
+    assert len(probed.records) == 3
+    record = probed.records[0]
+    assert record["first_kl_old_new"] > 0 and record["first_kl_new_old"] > 0
+    # a first candidate inside the bound in one direction only: the two line searches would decide differently
+    records = [
+        {"backtracks": 0, "accepted": True, "first_kl_old_new": 0.009, "first_kl_new_old": 0.011, "first_surrogate_gain": 1.0},
+        {"backtracks": 2, "accepted": True, "first_kl_old_new": 0.02, "first_kl_new_old": 0.03, "first_surrogate_gain": 1.0},
+    ]
+    result = summary(records, target_kl=0.01)
+    assert result["decisions_differ"] == 1 and result["updates_with_backtracks"] == 1 and result["updates_rejected"] == 0
