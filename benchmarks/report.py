@@ -394,6 +394,39 @@ def matched_table(results: dict[tuple[str, str], list[dict[str, Any]]], envs: tu
     )
 
 
+def line_search_table(diagnostics_dir: Path) -> str:
+    """
+    The line-search probes (``python -m benchmarks.line_search_probe``): whether the direction of the KL that the
+    line search checks changed any decision, in full training runs with the packaged settings.
+
+    :param diagnostics_dir: the probes' results folder (``<env>-seed<k>.json``).
+    :return: Markdown (empty when there is no probe result).
+    """
+    rows = []
+    for path in sorted(diagnostics_dir.glob("*.json")):
+        data = read_json(path)
+        if data is None:
+            continue
+        s = data["summary"]
+        rows.append(
+            f"| {data['env_id']} | {data['seed']} | {data['timesteps']:,} | {s['updates']} | {s['target_kl']:g} | "
+            f"{s['median_first_kl_old_new']:.3f} / {s['median_first_kl_new_old']:.3f} | "
+            f"{s['max_first_kl_old_new']:.3f} / {s['max_first_kl_new_old']:.3f} | {s['updates_with_backtracks']} | "
+            f"{s['updates_rejected']} | {s['decisions_differ']} |"
+        )
+    if not rows:
+        return ""
+    return (
+        "\n\nDoes the direction of the line search's KL matter? sb3_trpo_ext checks the paper's KL(old || new), "
+        "sb3-contrib KL(new || old). `python -m benchmarks.line_search_probe` trains with the packaged settings and "
+        "evaluates every update's first candidate (the full step) in both directions: where one direction accepts it "
+        "and the other does not, the two line searches would take different steps.\n\n"
+        "| environment | seed | steps | updates | target_kl | first candidate's KL, median (old‖new / new‖old) | "
+        "max | updates with backtracks | rejected updates | decisions that differ |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows)
+    )
+
+
 def recheck_table(results: dict[tuple[str, str], list[dict[str, Any]]], results_root: Path) -> str:
     """
     Cells re-run with later code (the folders ``returns?*`` beside ``returns/``, e.g. after a change of rounding),
@@ -691,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     if BEYOND_MARKERS[0] in readme:
         readme = replace_between_markers(readme, BEYOND_MARKERS, beyond_table(latest_beyond_run(args.results / "beyond")))
     returns_md = returns_table(results, tuple(args.envs), args.n_seeds, figures_link)
-    readme = replace_between_markers(readme, RETURNS_MARKERS, returns_md + recheck_table(results, args.results))
+    probes = line_search_table(args.results / "diagnostics" / "line_search")
+    readme = replace_between_markers(readme, RETURNS_MARKERS, returns_md + probes + recheck_table(results, args.results))
     args.readme.write_text(readme)
     n_runs = sum(len(runs) for runs in results.values())
     print(f"{n_runs} returns results, speed run {run_dir}; wrote {len(written)} figures and {args.readme}")

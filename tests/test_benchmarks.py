@@ -212,3 +212,24 @@ def test_line_search_probe_records_every_update_and_leaves_training_unchanged() 
     ]
     result = summary(records, target_kl=0.01)
     assert result["decisions_differ"] == 1 and result["updates_with_backtracks"] == 1 and result["updates_rejected"] == 0
+
+
+def test_line_search_table_shows_each_probe(tmp_path: Path) -> None:
+    from benchmarks.report import line_search_table
+
+    assert line_search_table(tmp_path) == ""
+    summary = {
+        "updates": 489,
+        "updates_with_backtracks": 1,
+        "updates_rejected": 0,
+        "decisions_differ": 0,
+        "median_first_kl_old_new": 0.1819,
+        "median_first_kl_new_old": 0.1813,
+        "max_first_kl_old_new": 0.2952,
+        "max_first_kl_new_old": 0.2957,
+        "target_kl": 0.24,
+    }
+    data = {"env_id": "HalfCheetah-v5", "seed": 1, "timesteps": 1001472, "summary": summary}
+    (tmp_path / "HalfCheetah-v5-seed1.json").write_text(json.dumps(data))
+    table = line_search_table(tmp_path)
+    assert "| HalfCheetah-v5 | 1 | 1,001,472 | 489 | 0.24 | 0.182 / 0.181 | 0.295 / 0.296 | 1 | 0 | 0 |" in table
