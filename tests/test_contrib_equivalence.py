@@ -1,5 +1,6 @@
 """
-One update of this package against one update of sb3-contrib's TRPO, from the same weights and the same rollout.
+One update of this package against one update of sb3-contrib's TRPO, from the same weights and the same rollout; and
+whole runs of several updates, rollouts included, from the same seed.
 
 sb3-contrib averages its KL over the action dimensions of Box and MultiBinary actions (``from_sb3_contrib`` explains
 why this makes its ``(target_kl, cg_damping)`` equal to this package's ``(d * target_kl, d * cg_damping)``). These
@@ -173,3 +174,54 @@ def test_from_sb3_contrib_scales_only_the_trust_region_and_the_damping() -> None
     assert kl_dimension_factor(spaces.MultiBinary(5)) == 5
     with pytest.raises(TypeError, match="action_space"):
         kl_dimension_factor(spaces.Tuple([spaces.Discrete(2)]))
+
+
+@pytest.mark.parametrize("kind", ["box3", "discrete"])
+def test_translated_settings_follow_sb3_contrib_over_several_updates(kind: str) -> None:
+    """
+    Whole training runs, rollouts included, from the same seed: with one critic minibatch per epoch, and the random
+    numbers each package draws only inside ``train()`` taken out of the comparison (sb3-contrib's conjugate gradient
+    starts from zero as here; each package's generators are restored after ``train()``), both packages collect the
+    same rollouts and take the same steps, update after update, up to float32 rounding.
+    """
+    n_updates, contrib_settings = 6, {"target_kl": 0.01, "cg_damping": 0.1, **HYPERPARAMS}
+    ours = TRPO(
+        "MlpPolicy",
+        DummyVecEnv([lambda: make_env(kind)]),
+        seed=0,
+        device="cpu",
+        **from_sb3_contrib(make_env(kind).action_space, **contrib_settings),
+    )
+    theirs = sb3_contrib.TRPO("MlpPolicy", DummyVecEnv([lambda: make_env(kind)]), seed=0, device="cpu", **contrib_settings)
+    theirs.policy.load_state_dict(ours.policy.state_dict())  # (already equal: same seed, same construction)
+    differences: list[float] = []
+
+    def without_train_rng(model: Any) -> None:
+        train = model.train
+
+        def wrapped() -> None:
+            torch_state, numpy_state = th.get_rng_state(), np.random.get_state()
+            train()
+            th.set_rng_state(torch_state)
+            np.random.set_state(numpy_state)
+
+        model.train = wrapped
+
+    without_train_rng(ours)
+    without_train_rng(theirs)
+    randn_like = th.randn_like
+    th.randn_like = lambda tensor, **_: th.zeros_like(tensor)  # type: ignore[assignment]
+    try:
+        for _ in range(n_updates):
+            th.manual_seed(0)  # each package is seeded at learn(); keep the runs in step update by update
+            for model in (ours, theirs):
+                state = th.get_rng_state()
+                model.learn(HYPERPARAMS["n_steps"], reset_num_timesteps=False)
+                th.set_rng_state(state)
+            # the same noise: actions differ only through the float32 rounding the parameters carry
+            np.testing.assert_allclose(ours.rollout_buffer.actions, theirs.rollout_buffer.actions, rtol=1e-4, atol=1e-5)
+            mine, reference = (th.cat([p.detach().flatten() for p in m.policy.parameters()]) for m in (ours, theirs))
+            differences.append(((mine - reference).norm() / reference.norm()).item())
+    finally:
+        th.randn_like = randn_like
+    assert max(differences) < 1e-4, differences
