@@ -281,13 +281,9 @@ def returns_table(
             steps = format_steps(runs[0]["n_timesteps"])
             finals = np.asarray([run["final_return"] for run in runs])
             low, high = bootstrap_ci(finals, iqm)
-            seeds = (
-                ""
-                if len(runs) == n_seeds
-                else f" ({len(runs)}/{n_seeds} seeds)"
-                if len(runs) < n_seeds
-                else f" ({len(runs)} seeds)"
-            )
+            seeds = "" if len(runs) == n_seeds else f" ({len(runs)}/{n_seeds} seeds)"
+            if len(runs) > n_seeds:
+                seeds = f" ({len(runs)} seeds)"
             cells += [f"{finals.mean():.1f} ± {finals.std():.1f}{seeds}", f"{iqm(finals):.1f} [{low:.1f}, {high:.1f}]"]
         published = [PUBLISHED[source].get(env_id, "") for source in PUBLISHED_SOURCES]
         lines.append(f"| {env_id} | {steps} | " + " | ".join(cells + published) + " |")

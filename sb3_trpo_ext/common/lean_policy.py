@@ -27,6 +27,7 @@ from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticP
 from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.torch_layers import FlattenExtractor, MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs
+from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 from torch.distributions import Normal
 from torch.nn import functional as F
@@ -137,6 +138,16 @@ def _normal_log_prob_np(actions: np.ndarray, mean: np.ndarray, minus_two_var: np
     np.subtract(terms, log_scale, out=terms)
     np.subtract(terms, _HALF_LOG_TWO_PI_F32, out=terms)
     return th.from_numpy(terms).sum(dim=1)
+
+
+def rollout_obs_tensor(obs: np.ndarray | dict[str, np.ndarray], device: th.device) -> PyTorchObs:
+    """
+    ``obs_as_tensor(obs, device)`` for a rollout step: on the CPU, a numeric array becomes a tensor sharing its memory
+    (what ``obs_as_tensor`` gives there) without its dispatch; anything else goes through ``obs_as_tensor``.
+    """
+    if device.type == "cpu" and type(obs) is np.ndarray and obs.dtype != np.object_:
+        return th.from_numpy(obs)
+    return obs_as_tensor(obs, device)
 
 
 def categorical_draw(log_pmf: th.Tensor, on_cpu: bool) -> tuple[np.ndarray, th.Tensor]:

@@ -21,7 +21,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from torch.nn import functional as F
 
-from sb3_trpo_ext.common.lean_policy import categorical_draw, latents_fn, make_buffer_add
+from sb3_trpo_ext.common.lean_policy import categorical_draw, latents_fn, make_buffer_add, rollout_obs_tensor
 from sb3_trpo_ext.common.lean_vec_env import make_lean_env_step
 from sb3_trpo_ext.common.numerics import CATEGORICAL, DistParams
 from sb3_trpo_ext.common.policy_utils import distribution_params
@@ -318,15 +318,11 @@ class MaskableTRPO(TRPO):
         mask_shape = (rollout_buffer.n_envs, getattr(rollout_buffer, "mask_dims", 0))
         env_step = make_lean_env_step(env) or env.step  # env.step's results with cheaper copies
         current_masks = self._action_masks_fn(env)
-        on_cpu = self.device.type == "cpu"
         callback.on_rollout_start()
 
         while n_steps < n_rollout_steps:
             with th.no_grad():
-                if on_cpu and type(self._last_obs) is np.ndarray and self._last_obs.dtype != np.object_:
-                    obs_tensor = th.from_numpy(self._last_obs)  # what obs_as_tensor gives on the CPU, with less overhead
-                else:
-                    obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type,assignment]
+                obs_tensor = rollout_obs_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
                 if use_masking:
                     action_masks = current_masks()
                 actions, values, log_probs = policy_step(obs_tensor, action_masks)

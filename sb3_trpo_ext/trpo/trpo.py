@@ -24,7 +24,13 @@ from torch.nn import functional as F
 
 from sb3_trpo_ext.common.contrib_compat import kl_dimension_factor
 from sb3_trpo_ext.common.critic import FastMlpCritic, optimizer_update
-from sb3_trpo_ext.common.lean_policy import PolicyStep, make_buffer_add, make_lean_noise_reset, make_lean_policy_step
+from sb3_trpo_ext.common.lean_policy import (
+    PolicyStep,
+    make_buffer_add,
+    make_lean_noise_reset,
+    make_lean_policy_step,
+    rollout_obs_tensor,
+)
 from sb3_trpo_ext.common.lean_vec_env import make_lean_env_step
 from sb3_trpo_ext.common.mlp_fisher import MlpFisher
 from sb3_trpo_ext.common.numerics import (
@@ -364,16 +370,12 @@ class TRPO(OnPolicyAlgorithm):
         callback.on_rollout_start()
         is_box = isinstance(self.action_space, spaces.Box)
         is_discrete = isinstance(self.action_space, spaces.Discrete)
-        on_cpu = self.device.type == "cpu"
         low, high = (self.action_space.low, self.action_space.high) if is_box else (None, None)  # type: ignore[attr-defined]
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
                 reset_noise()  # a new exploration matrix
             with th.no_grad():
-                if on_cpu and type(self._last_obs) is np.ndarray and self._last_obs.dtype != np.object_:
-                    obs_tensor = th.from_numpy(self._last_obs)  # what obs_as_tensor gives on the CPU, with less overhead
-                else:
-                    obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type,assignment]
+                obs_tensor = rollout_obs_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
                 actions, values, log_probs = policy_step(obs_tensor)
             # Gaussian actions are unbounded: clip them to the action space for the environment (not in the buffer);
             # ndarray.clip is what np.clip calls, without its dispatch (np.minimum of np.maximum differs on -0.0)
