@@ -423,6 +423,47 @@ def line_search_table(diagnostics_dir: Path) -> str:
     )
 
 
+def update_map_table(diagnostics_dir: Path) -> str:
+    """
+    The update-map probes (``python -m benchmarks.update_map_probe``): along real training runs with the packaged
+    settings, how far sb3-contrib's update from the same state (weights, Adam, rollout) is from this package's.
+
+    :param diagnostics_dir: the probes' results folder (``<env>-seed<k>.json``).
+    :return: Markdown (empty when there is no probe result).
+    """
+    rows = []
+    for path in sorted(diagnostics_dir.glob("*.json")):
+        data = read_json(path)
+        if data is None:
+            continue
+        s = data["summary"]
+        rows.append(
+            f"| {data['env_id']} | {data['seed']} | {data['timesteps']:,} | {data['final_return']:.0f} | "
+            f"{s['updates_compared']} (one in {data['every']}) | {s['median_actor_difference']:.1e} / "
+            f"{s['max_actor_difference']:.1e} | {s['median_contrib_cg_start_difference']:.1e} / "
+            f"{s['max_contrib_cg_start_difference']:.1e} | "
+            f"{s['median_critic_difference']:.1e} / {s['max_critic_difference']:.1e} | "
+            f"{s['min_actor_length_ratio']:.6f} - {s['max_actor_length_ratio']:.6f} | {s['acceptance_differs']} |"
+        )
+    if not rows:
+        return ""
+    return (
+        "\n\nWould sb3-contrib have taken the same updates? MuJoCo amplifies float32 rounding, so two runs from one seed "
+        "part within a rollout and cannot be compared update by update. `python -m benchmarks.update_map_probe` "
+        "trains with the packaged settings and, before every k-th update, hands the exact state (weights, Adam's "
+        "state, the rollout buffer) to sb3-contrib's TRPO with the zoo's numbers; both update from it, with the "
+        "random numbers drawn inside `train()` made the same (sb3-contrib's conjugate gradient started from zero, "
+        "the critic's minibatches in sb3-contrib's order); the run itself is left as it would be without the probe. "
+        "Differences are relative to sb3-contrib's change of the actor's and of the critic's parameters. For scale: "
+        "how far sb3-contrib's own actor update moves when its conjugate gradient starts from `1e-4 * randn`, as in "
+        "its runs, instead of zero:\n\n"
+        "| environment | seed | steps | final return | updates compared | actor, median / max | "
+        "sb3-contrib's own actor spread, median / max | critic, median / max "
+        "| actor step length ratio | line-search outcomes that differ |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows)
+    )
+
+
 def recheck_table(results: dict[tuple[str, str], list[dict[str, Any]]], results_root: Path) -> str:
     """
     Cells re-run with later code (the folders ``returns?*`` beside ``returns/``, e.g. after a change of rounding),
@@ -721,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
         readme = replace_between_markers(readme, BEYOND_MARKERS, beyond_table(latest_beyond_run(args.results / "beyond")))
     returns_md = returns_table(results, tuple(args.envs), args.n_seeds, figures_link)
     probes = line_search_table(args.results / "diagnostics" / "line_search")
+    probes += update_map_table(args.results / "diagnostics" / "update_map")
     readme = replace_between_markers(readme, RETURNS_MARKERS, returns_md + probes + recheck_table(results, args.results))
     args.readme.write_text(readme)
     n_runs = sum(len(runs) for runs in results.values())

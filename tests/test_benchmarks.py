@@ -233,3 +233,68 @@ def test_line_search_table_shows_each_probe(tmp_path: Path) -> None:
     (tmp_path / "HalfCheetah-v5-seed1.json").write_text(json.dumps(data))
     table = line_search_table(tmp_path)
     assert "| HalfCheetah-v5 | 1 | 1,001,472 | 489 | 0.24 | 0.182 / 0.181 | 0.295 / 0.296 | 1 | 0 | 0 |" in table
+
+
+def test_update_map_probe_matches_sb3_contrib_with_several_critic_minibatches_and_leaves_training_unchanged() -> None:
+    sb3_contrib = pytest.importorskip("sb3_contrib")
+    from benchmarks.update_map_probe import MirroredTRPO, summary
+    from sb3_trpo_ext import TRPO, from_sb3_contrib
+    from tests.test_contrib_equivalence import TargetEnv
+
+    contrib_kwargs = {
+        "n_steps": 256,
+        "batch_size": 64,  # four critic minibatches per epoch, in sb3-contrib's order within the comparison
+        "n_critic_updates": 3,
+        "cg_max_steps": 15,
+        "target_kl": 0.01,
+        "cg_damping": 0.1,
+        "policy_kwargs": {"net_arch": [16]},
+    }
+    ours_kwargs = from_sb3_contrib(TargetEnv().action_space, **contrib_kwargs)
+    probed = MirroredTRPO("MlpPolicy", TargetEnv(), seed=3, device="cpu", **ours_kwargs)
+    state = th.get_rng_state(), np.random.get_state()
+    reference = sb3_contrib.TRPO("MlpPolicy", TargetEnv(), seed=3, device="cpu", **contrib_kwargs)
+    th.set_rng_state(state[0])
+    np.random.set_state(state[1])
+    probed.mirror(reference, every=1).learn(3 * 256)
+    plain = TRPO("MlpPolicy", TargetEnv(), seed=3, device="cpu", **ours_kwargs).learn(3 * 256)
+    for a, b in zip(probed.policy.parameters(), plain.policy.parameters()):
+        assert th.equal(a, b)  # the comparison puts everything back before the run's own update
+    assert len(probed.records) == 3
+    result = summary(probed.records)
+    # float32 sums in a different order: about 1e-6 measured; a critic trained in another minibatch order is ~1e-2 off
+    assert result["max_actor_difference"] < 1e-4, result
+    assert result["max_critic_difference"] < 1e-4, result
+    assert result["acceptance_differs"] == 0
+    assert all(record["accepted"] and record["contrib_accepted"] for record in probed.records)
+
+
+def test_update_map_table_shows_each_probe(tmp_path: Path) -> None:
+    from benchmarks.report import update_map_table
+
+    assert update_map_table(tmp_path) == ""
+    summary = {
+        "updates_compared": 49,
+        "median_actor_difference": 6.4e-7,
+        "max_actor_difference": 2.1e-6,
+        "median_contrib_cg_start_difference": 9.0e-7,
+        "max_contrib_cg_start_difference": 1.4e-6,
+        "median_critic_difference": 7.6e-7,
+        "max_critic_difference": 3.0e-6,
+        "min_actor_length_ratio": 0.9999991,
+        "max_actor_length_ratio": 1.0000012,
+        "acceptance_differs": 0,
+        "updates_with_backtracks": 1,
+    }
+    data = {
+        "env_id": "HalfCheetah-v5",
+        "seed": 9,
+        "timesteps": 1001472,
+        "every": 10,
+        "final_return": 457.2,
+        "summary": summary,
+    }
+    (tmp_path / "HalfCheetah-v5-seed9.json").write_text(json.dumps(data))
+    table = update_map_table(tmp_path)
+    row = "| HalfCheetah-v5 | 9 | 1,001,472 | 457 | 49 (one in 10) | 6.4e-07 / 2.1e-06 | 9.0e-07 / 1.4e-06 | "
+    assert row + "7.6e-07 / 3.0e-06 | 0.999999 - 1.000001 | 0 |" in table, table
