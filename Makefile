@@ -12,7 +12,7 @@ fast-test:
 lint:
 	ruff check .
 	ruff format --check .
-	mypy sb3_trpo_ext
+	mypy sb3_trpo_ext benchmarks
 
 format:
 	ruff format .

@@ -21,8 +21,8 @@ from typing import Any
 import gymnasium as gym
 import torch as th
 import yaml
-from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize
 
 #: Root of the benchmark package, and the default places of its outputs.
@@ -44,7 +44,7 @@ RETURNS_IMPLS = (*IMPLS, MATCHED)
 MUJOCO_ENVS = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5", "Swimmer-v5", "Humanoid-v5")
 
 
-def algorithm_class(impl: str) -> type[BaseAlgorithm]:
+def algorithm_class(impl: str) -> type[OnPolicyAlgorithm]:
     """
     The TRPO class of one implementation.
 
@@ -178,7 +178,7 @@ def make_train_env(config: ZooConfig, seed: int, n_envs: int | None = None, vec_
     :param vec_env_cls: ``DummyVecEnv`` or ``SubprocVecEnv``.
     :return: the vectorized environment.
     """
-    env = make_vec_env(config.env_id, n_envs=n_envs or config.n_envs, seed=seed, vec_env_cls=vec_env_cls)
+    env = make_vec_env(config.env_id, n_envs=n_envs or config.n_envs, seed=seed, vec_env_cls=vec_env_cls)  # type: ignore[arg-type]
     if config.normalize:
         env = VecNormalize(env, **config.normalize_kwargs)
     return env
@@ -199,7 +199,7 @@ def make_eval_env(config: ZooConfig, seed: int) -> VecEnv:
     return env
 
 
-def make_model(impl: str, config: ZooConfig, env: VecEnv, seed: int, **overrides: Any) -> BaseAlgorithm:
+def make_model(impl: str, config: ZooConfig, env: VecEnv, seed: int, **overrides: Any) -> OnPolicyAlgorithm:
     """
     A TRPO model of one implementation with the zoo's settings.
 

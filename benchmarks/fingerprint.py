@@ -48,7 +48,7 @@ def fingerprint(env_id: str, timesteps: int, seed: int) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().numpy().tobytes())
     if isinstance(env, VecNormalize):
-        for array in (env.obs_rms.mean, env.obs_rms.var, env.ret_rms.mean, env.ret_rms.var):  # type: ignore[union-attr]
+        for array in (env.obs_rms.mean, env.obs_rms.var, env.ret_rms.mean, env.ret_rms.var):  # type: ignore[union-attr,attr-defined]
             digest.update(np.asarray(array, dtype=np.float64).tobytes())
     env.close()
     return digest.hexdigest()

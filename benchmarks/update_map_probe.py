@@ -7,8 +7,8 @@ parameters) until the rollouts part, within a few dozen steps of the second roll
 maps instead of runs. It trains ``sb3_trpo_ext.TRPO`` with the settings ``--algo trpo_ext`` ships (the zoo's,
 translated by ``from_sb3_contrib``), and before every ``--every``-th update it hands the exact state (policy and
 critic weights, Adam's state, the rollout buffer, the learning-rate progress) to an ``sb3_contrib.TRPO`` built with the
-zoo's numbers and lets both run ``train()``, then puts everything back before the run's own update, so the run is the
-one the returns benchmark measures.
+zoo's numbers and lets both run ``train()``, then puts everything back before the run's own update: the run is the
+one it would be without the probe (tested), the training run of the returns benchmark's cell with the same seed.
 
 Within the comparison the random numbers drawn inside ``train()`` are the same for both: sb3-contrib's conjugate
 gradient starts from zero instead of ``1e-4 * randn``, and this package's critic minibatches follow sb3-contrib's

@@ -24,6 +24,6 @@ def test_ruff_format_is_applied() -> None:
 
 
 @pytest.mark.slow
-def test_mypy_passes_on_the_package() -> None:
-    result = run(sys.executable, "-m", "mypy", "sb3_trpo_ext")
+def test_mypy_passes_on_the_package_and_the_benchmarks() -> None:
+    result = run(sys.executable, "-m", "mypy", "sb3_trpo_ext", "benchmarks")
     assert result.returncode == 0, result.stdout + result.stderr
