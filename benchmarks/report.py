@@ -432,10 +432,8 @@ def update_map_table(diagnostics_dir: Path) -> str:
     :return: Markdown (empty when there is no probe result).
     """
     rows = []
-    for path in sorted(diagnostics_dir.glob("*.json")):
-        data = read_json(path)
-        if data is None:
-            continue
+    probes = [data for data in map(read_json, diagnostics_dir.glob("*.json")) if data is not None]
+    for data in sorted(probes, key=lambda data: (data["env_id"], data["seed"])):
         s = data["summary"]
         rows.append(
             f"| {data['env_id']} | {data['seed']} | {data['timesteps']:,} | {data['final_return']:.0f} | "
@@ -457,7 +455,7 @@ def update_map_table(diagnostics_dir: Path) -> str:
         "Differences are relative to sb3-contrib's change of the actor's and of the critic's parameters. For scale: "
         "how far sb3-contrib's own actor update moves when its conjugate gradient starts from `1e-4 * randn`, as in "
         "its runs, instead of zero:\n\n"
-        "| environment | seed | steps | final return | updates compared | actor, median / max | "
+        "| environment | seed | steps | final return (5 episodes) | updates compared | actor, median / max | "
         "sb3-contrib's own actor spread, median / max | critic, median / max "
         "| actor step length ratio | line-search outcomes that differ |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows)
