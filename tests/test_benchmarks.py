@@ -298,3 +298,53 @@ def test_update_map_table_shows_each_probe(tmp_path: Path) -> None:
     table = update_map_table(tmp_path)
     row = "| HalfCheetah-v5 | 9 | 1,001,472 | 457 | 49 (one in 10) | 6.4e-07 / 2.1e-06 | 9.0e-07 / 1.4e-06 | "
     assert row + "7.6e-07 / 3.0e-06 | 0.999999 - 1.000001 | 0 |" in table, table
+
+
+def test_cg_start_variants_start_each_package_as_the_other_does() -> None:
+    sb3_contrib = pytest.importorskip("sb3_contrib")
+    import sb3_contrib.trpo.trpo as contrib_module
+
+    import sb3_trpo_ext.trpo.trpo as module
+    from benchmarks.cg_start import cg_start
+
+    generator = th.Generator().manual_seed(0)
+    root = th.randn(12, 12, generator=generator, dtype=th.float64)
+    matrix = root @ root.T + 0.1 * th.eye(12, dtype=th.float64)
+    b = th.randn(12, generator=generator, dtype=th.float64)
+
+    def matvec(v: th.Tensor) -> th.Tensor:
+        return matrix @ v
+
+    def ours() -> th.Tensor:
+        th.manual_seed(5)
+        return module.conjugate_gradient(matvec, b, max_iter=4, residual_tol=1e-10).x
+
+    def theirs() -> th.Tensor:
+        th.manual_seed(5)
+        return contrib_module.conjugate_gradient_solver(matvec, b, max_iter=4)
+
+    assert sb3_contrib is not None
+    # four iterations on a 12 x 12 system: far from converged, so the start shows in the result
+    assert not th.allclose(ours(), theirs(), rtol=1e-6, atol=1e-9)
+    with cg_start("sb3_trpo_ext_random_start"):
+        th.testing.assert_close(ours(), theirs(), rtol=1e-9, atol=1e-12)
+    with cg_start("sb3_contrib_zero_start"):
+        th.testing.assert_close(theirs(), ours(), rtol=1e-9, atol=1e-12)
+    assert not th.allclose(ours(), theirs(), rtol=1e-6, atol=1e-9)  # both put back
+
+
+def test_cg_start_table_compares_each_variant_with_sb3_contrib(tmp_path: Path) -> None:
+    from benchmarks.report import cg_start_table
+
+    assert cg_start_table(tmp_path) == ""
+    runs = []
+    for seed, shift in ((1, 0.0), (2, 10.0), (3, 20.0)):
+        for variant, level in (("sb3_contrib", 100.0), ("sb3_trpo_ext", 1000.0)):
+            evaluations = [0.0, 0.0, level + shift, level + shift, level + shift]
+            record = {"variant": variant, "seed": seed, "timesteps": [10240 * (i + 1) for i in range(5)]}
+            runs.append({**record, "evaluations": evaluations, "training_episodes_mean": level})
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(run) + "\n" for run in runs))
+    table = cg_start_table(tmp_path)
+    assert "| sb3_trpo_ext | 3 | 51,200 | 1010 / 1010 | 1010 | 1000 | 0.10 |" in table, table
+    assert "| sb3_contrib | 3 | 51,200 | 110 / 110 | 110 | 100 |  |" in table, table
+    assert "seeds 1-3" in table
