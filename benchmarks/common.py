@@ -8,6 +8,7 @@ Both implementations get exactly the same hyperparameters, environments and seed
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -199,7 +200,14 @@ def make_eval_env(config: ZooConfig, seed: int) -> VecEnv:
     return env
 
 
-def make_model(impl: str, config: ZooConfig, env: VecEnv, seed: int, **overrides: Any) -> OnPolicyAlgorithm:
+def make_model(
+    impl: str,
+    config: ZooConfig,
+    env: VecEnv,
+    seed: int,
+    algorithm: type[OnPolicyAlgorithm] | None = None,
+    **overrides: Any,
+) -> OnPolicyAlgorithm:
     """
     A TRPO model of one implementation with the zoo's settings.
 
@@ -207,6 +215,7 @@ def make_model(impl: str, config: ZooConfig, env: VecEnv, seed: int, **overrides
     :param config: the environment's settings.
     :param env: the training environment.
     :param seed: the model's seed.
+    :param algorithm: a subclass of the implementation's class to build instead (a probe).
     :param overrides: constructor arguments that replace the zoo's.
     :return: the model, on CPU.
     """
@@ -216,7 +225,23 @@ def make_model(impl: str, config: ZooConfig, env: VecEnv, seed: int, **overrides
         from sb3_trpo_ext import from_sb3_contrib
 
         kwargs = from_sb3_contrib(env.action_space, **kwargs)
-    return algorithm_class(impl)(policy, env, seed=seed, device="cpu", verbose=0, **kwargs)
+    cls = algorithm or algorithm_class(impl)
+    if not issubclass(cls, algorithm_class(impl)):
+        raise TypeError(f"{cls.__name__} is not a subclass of {impl}'s {algorithm_class(impl).__name__}")
+    return cls(policy, env, seed=seed, device="cpu", verbose=0, **kwargs)
+
+
+def probe_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
+    """
+    The arguments every training probe takes: ``--env``, ``--seed``, ``--steps`` and ``--out``.
+
+    :param parser: the probe's parser.
+    :param default_out: the probe's results folder.
+    """
+    parser.add_argument("--env", default="HalfCheetah-v5", help="environment id (with an RL Zoo TRPO entry)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the zoo's budget)")
+    parser.add_argument("--out", type=Path, default=default_out, help=f"results folder (default: {default_out})")
 
 
 def versions() -> dict[str, str | int | None]:

@@ -20,13 +20,22 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch as th
 
-from benchmarks.common import RESULTS_DIR, make_train_env, timestamp, versions, write_json, zoo_config
-from sb3_trpo_ext import TRPO, from_sb3_contrib
+from benchmarks.common import (
+    MATCHED,
+    RESULTS_DIR,
+    make_model,
+    make_train_env,
+    probe_arguments,
+    timestamp,
+    versions,
+    write_json,
+    zoo_config,
+)
+from sb3_trpo_ext import TRPO
 from sb3_trpo_ext.common.numerics import DistParams, assign_flat_parameters, flat_parameters, kl_old_new
 from sb3_trpo_ext.trpo.trpo import PolicyStepStats
 
@@ -103,17 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     :return: the exit status.
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="HalfCheetah-v5", help="environment id (with an RL Zoo TRPO entry)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the zoo's budget)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})")
+    probe_arguments(parser, DEFAULT_OUT)
     args = parser.parse_args(argv)
     th.set_num_threads(1)
     config = zoo_config(args.env)
-    env = make_train_env(config, seed=args.seed)
-    kwargs = dict(config.model_kwargs)
-    policy = kwargs.pop("policy")
-    model = ProbedTRPO(policy, env, seed=args.seed, device="cpu", **from_sb3_contrib(env.action_space, **kwargs))
+    model = make_model(MATCHED, config, make_train_env(config, seed=args.seed), args.seed, algorithm=ProbedTRPO)
+    assert isinstance(model, ProbedTRPO)
     model.records = []
     start = time.perf_counter()
     model.learn(args.steps or config.n_timesteps)

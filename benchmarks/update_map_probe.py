@@ -31,7 +31,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,8 +40,19 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import sync_envs_normalization
 
-from benchmarks.common import RESULTS_DIR, make_eval_env, make_train_env, timestamp, versions, write_json, zoo_config
-from sb3_trpo_ext import TRPO, from_sb3_contrib
+from benchmarks.common import (
+    MATCHED,
+    RESULTS_DIR,
+    make_eval_env,
+    make_model,
+    make_train_env,
+    probe_arguments,
+    timestamp,
+    versions,
+    write_json,
+    zoo_config,
+)
+from sb3_trpo_ext import TRPO
 
 DEFAULT_OUT = RESULTS_DIR / "diagnostics" / "update_map"
 ACTOR_PREFIXES = ("action_net", "log_std", "mlp_extractor.policy_net")
@@ -211,15 +221,11 @@ def build(env_id: str, seed: int, every: int) -> MirroredTRPO:
     """
     :return: this package's TRPO with the translated zoo settings, mirrored by sb3-contrib's TRPO with the zoo's.
     """
-    from sb3_contrib import TRPO as ContribTRPO
-
     config = zoo_config(env_id)
-    env = make_train_env(config, seed=seed)
-    kwargs = dict(config.model_kwargs)
-    policy = kwargs.pop("policy")
-    model = MirroredTRPO(policy, env, seed=seed, device="cpu", **from_sb3_contrib(env.action_space, **kwargs))
+    model = make_model(MATCHED, config, make_train_env(config, seed=seed), seed, algorithm=MirroredTRPO)
+    assert isinstance(model, MirroredTRPO)
     state = th.get_rng_state(), np.random.get_state()  # the run must not feel the reference's construction
-    reference = ContribTRPO(policy, make_train_env(config, seed=seed), seed=seed, device="cpu", **kwargs)
+    reference = make_model("sb3_contrib", config, make_train_env(config, seed=seed), seed)
     th.set_rng_state(state[0])
     np.random.set_state(state[1])
     return model.mirror(reference, every)
@@ -233,11 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     :return: the exit status.
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="HalfCheetah-v5", help="environment id (with an RL Zoo TRPO entry)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the zoo's budget)")
+    probe_arguments(parser, DEFAULT_OUT)
     parser.add_argument("--every", type=int, default=10, help="compare every k-th update (default: 10)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     th.set_num_threads(1)
     model = build(args.env, args.seed, args.every)

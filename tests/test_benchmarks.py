@@ -348,3 +348,14 @@ def test_cg_start_table_compares_each_variant_with_sb3_contrib(tmp_path: Path) -
     assert "| sb3_trpo_ext | 3 | 51,200 | 1010 / 1010 | 1010 | 1000 | 0.10 |" in table, table
     assert "| sb3_contrib | 3 | 51,200 | 110 / 110 | 110 | 100 |  |" in table, table
     assert "seeds 1-3" in table
+
+
+def test_make_model_builds_a_probe_subclass_and_refuses_another_family() -> None:
+    from benchmarks.line_search_probe import ProbedTRPO
+
+    config = zoo_config("Pendulum-v1")
+    env = make_train_env(config, seed=0)
+    model = make_model(MATCHED, config, env, seed=0, algorithm=ProbedTRPO)
+    assert type(model) is ProbedTRPO and model.n_steps == config.model_kwargs["n_steps"]
+    with pytest.raises(TypeError, match="not a subclass"):
+        make_model("sb3_contrib", config, env, seed=0, algorithm=ProbedTRPO)
