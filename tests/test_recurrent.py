@@ -124,10 +124,12 @@ def test_accepted_step_satisfies_the_trust_region_on_real_steps(kind: str) -> No
     [{}, {"n_lstm_layers": 2}, {"shared_lstm": True, "enable_critic_lstm": False}],
     ids=["default", "two-layers", "shared-lstm"],
 )
-@pytest.mark.parametrize("forward_mode", [True, False])
+@pytest.mark.parametrize("jvp", ["recurrence", "forward_mode", "double_backward"])
 @pytest.mark.parametrize("kind", ["discrete", "box"])
-def test_fisher_vector_product_matches_explicit_fisher_over_sequences(kind: str, forward_mode: bool, layout: dict) -> None:
+def test_fisher_vector_product_matches_explicit_fisher_over_sequences(kind: str, jvp: str, layout: dict) -> None:
     model = only_collected(kind, n_envs=2, policy_kwargs={"net_arch": [3], "lstm_hidden_size": 3, **layout})
+    if jvp == "forward_mode":
+        model._lstm_tangent = False  # as for a policy the recurrence does not apply to
     data = next(model.rollout_buffer.get(batch_size=None))
     batch = model._prepare_sequences(data)
     params, _ = model._split_parameters(data.observations)
@@ -143,9 +145,10 @@ def test_fisher_vector_product_matches_explicit_fisher_over_sequences(kind: str,
     model._sequences = batch
     actions = data.actions.float().long().flatten() if kind == "discrete" else data.actions.float()
     _, new = model._surrogate(data.observations, actions, data.old_log_prob[batch.real], th.zeros(batch.real.numel()))
-    # With the observations, J v by forward mode through the LSTM; without, TRPO's double-backward form
-    fvp = model._fisher_vector_product_fn(params, new, new.detach(), data.observations if forward_mode else None)
-    assert model._forward_mode_jvp is (True if forward_mode else None)
+    # With the observations, J v by the LSTM's tangent recurrence or by forward mode; without, TRPO's double backward
+    fvp = model._fisher_vector_product_fn(params, new, new.detach(), None if jvp == "double_backward" else data.observations)
+    assert model._lstm_tangent is {"recurrence": True, "forward_mode": False, "double_backward": None}[jvp]
+    assert model._forward_mode_jvp is (True if jvp == "forward_mode" else None)
     assert th.backends.mkldnn.enabled  # the native kernels were only borrowed for J v
     generator = th.Generator().manual_seed(0)
     for _ in range(3):
@@ -302,22 +305,91 @@ def test_gsde_and_cnn_lstm_policy() -> None:
     assert model.logger.name_to_value["train/line_search_success"] == 1.0
 
 
-def test_forward_mode_fisher_product_leaves_every_parameter_object_in_place() -> None:
-    """J v replays the LSTM with tangent-carrying copies of the actor's parameters; afterwards every module must hold
-    its original parameter objects again (the optimizer and the saved state refer to them), shared features
-    extractor included."""
+@pytest.mark.parametrize("jvp", ["recurrence", "forward_mode"])
+def test_fisher_product_leaves_every_parameter_object_in_place(jvp: str) -> None:
+    """J v runs the heads (and, in forward mode, the LSTM) with tangent-carrying copies of the actor's parameters;
+    afterwards every module must hold its original parameter objects again (the optimizer and the saved state refer
+    to them), shared features extractor included."""
     from stable_baselines3.common.envs import FakeImageEnv
 
     image_env = FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True)
     cnn_kwargs = {**TINY_LSTM, "features_extractor_kwargs": {"features_dim": 16}}
     model = RecurrentTRPO("CnnLstmPolicy", image_env, n_steps=16, batch_size=16, policy_kwargs=cnn_kwargs)
     before = dict(model.policy.named_parameters(remove_duplicate=False))
+    if jvp == "forward_mode":
+        model._refresh_parameter_caches()
+        model._lstm_tangent = False
     model.learn(48)
-    assert model._forward_mode_jvp is True
+    assert (model._lstm_tangent, model._forward_mode_jvp) == ((True, None) if jvp == "recurrence" else (False, True))
     after = dict(model.policy.named_parameters(remove_duplicate=False))
     assert before.keys() == after.keys() and all(before[name] is after[name] for name in before)
     optimized = {id(p) for group in model.policy.optimizer.param_groups for p in group["params"]}
     assert optimized <= {id(p) for p in after.values()}
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags says it
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_lstm_tangent_recurrence_equals_forward_mode_through_nn_lstm(backend: str) -> None:
+    """One LSTM layer: the recurrence's outputs are nn.LSTM's, and its tangent along random directions of the four
+    weights and of the inputs is forward-mode differentiation through nn.LSTM (both walks: NumPy on the CPU, and the
+    tensor walk other devices use). A missing direction (``None``) counts as zero."""
+    from torch.autograd import forward_ad
+
+    from sb3_trpo_ext.recurrent.lstm_tangent import LSTM_WEIGHTS, LSTMLayerTangent
+
+    th.manual_seed(0)
+    lstm = th.nn.LSTM(3, 5)
+    inputs, h0, c0 = th.randn(7, 4, 3), th.randn(1, 4, 5), th.randn(1, 4, 5)
+    names = [f"{name}_l0" for name in LSTM_WEIGHTS]
+    weights = [getattr(lstm, name) for name in names]
+    directions = [th.randn_like(w) for w in weights]
+    d_inputs = th.randn_like(inputs)
+    tangent = LSTMLayerTangent(weights, inputs, (h0[0], c0[0]))
+    if backend == "torch":
+        tangent._numpy = None
+    with th.no_grad(), th.backends.mkldnn.flags(enabled=False), forward_ad.dual_level():
+        expected_out, _ = lstm(inputs, (h0, c0))
+        for name, weight, direction in zip(names, weights, directions):
+            lstm._parameters[name] = forward_ad.make_dual(weight.detach(), direction)  # type: ignore[assignment]
+        dual_out, _ = lstm(forward_ad.make_dual(inputs, d_inputs), (h0, c0))
+        expected_tangent = forward_ad.unpack_dual(dual_out).tangent
+    th.testing.assert_close(tangent.outputs, expected_out, rtol=1e-5, atol=1e-6)
+    th.testing.assert_close(tangent(directions, d_inputs), expected_tangent, rtol=1e-4, atol=1e-5)
+    partial = [directions[0], None, directions[2], None]
+    zeros = [directions[0], th.zeros_like(directions[1]), directions[2], th.zeros_like(directions[3])]
+    th.testing.assert_close(tangent(partial, None), tangent(zeros, th.zeros_like(inputs)))
+
+
+def test_tangent_recurrence_follows_the_features_extractor() -> None:
+    """With a CNN features extractor among the actor's parameters, the recurrence takes the features' tangents as
+    LSTM input tangents: its Fisher-vector product equals the forward-mode one (checked against an explicit Fisher
+    matrix above) on random directions."""
+    from stable_baselines3.common.envs import FakeImageEnv
+
+    image_env = FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True)
+    cnn_kwargs = {**TINY_LSTM, "features_extractor_kwargs": {"features_dim": 16}}
+    model = RecurrentTRPO("CnnLstmPolicy", image_env, n_steps=16, batch_size=16, policy_kwargs=cnn_kwargs, seed=0)
+    _, callback = model._setup_learn(16, None)
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, 16)  # type: ignore[arg-type]
+    data = next(model.rollout_buffer.get(batch_size=None))
+    model._sequences = model._prepare_sequences(data)
+    params, _ = model._split_parameters(data.observations)
+    extractor = {id(p) for p in model.policy.pi_features_extractor.parameters()}
+    assert any(id(p) in extractor for p in params)
+    real = model._sequences.real
+    actions = data.actions.long().flatten()
+    _, new = model._surrogate(data.observations, actions, data.old_log_prob[real], th.zeros(real.numel()))
+    products = {}
+    for lstm_tangent in (None, False):
+        model._lstm_tangent = lstm_tangent
+        products[lstm_tangent] = model._fisher_vector_product_fn(params, new, new.detach(), data.observations)
+        assert model._lstm_tangent is (lstm_tangent is None)  # the recurrence applied, then forward mode was forced
+    assert model._forward_mode_jvp is True
+    generator = th.Generator().manual_seed(0)
+    for _ in range(3):
+        v = th.randn(sum(p.numel() for p in params), generator=generator)
+        expected, got = products[False](v).double(), products[None](v).double()
+        assert th.linalg.norm(got - expected) / th.linalg.norm(expected) < 1e-4
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ Glue between SB3 policies and the numerics of :mod:`sb3_trpo_ext.common.numerics
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch as th
 from stable_baselines3.common.distributions import (
@@ -114,3 +115,25 @@ def all_finite(tensors: Sequence[th.Tensor]) -> bool:
     :return: True if every element of every tensor is finite
     """
     return all(bool(th.isfinite(t).all()) for t in tensors)
+
+
+@contextmanager
+def parameters_replaced(module: th.nn.Module, values: dict[int, th.Tensor]) -> Iterator[None]:
+    """
+    Run ``module`` with some of its parameters replaced by other tensors (``id(parameter) -> tensor``), then put the
+    very same parameter objects back. Every registration of a parameter is replaced, once per module even where a
+    module is registered under several names (SB3's shared features extractor); ``torch.func.functional_call``
+    does not restore the original objects in that case. LSTMs notice the change of weights themselves.
+    """
+    swapped: list[tuple[th.nn.Module, str, th.nn.Parameter]] = []
+    try:
+        for submodule in module.modules():  # each module once
+            for name, param in submodule._parameters.items():
+                if param is not None and id(param) in values:
+                    swapped.append((submodule, name, param))
+        for submodule, name, param in swapped:
+            submodule._parameters[name] = values[id(param)]  # type: ignore[assignment]
+        yield
+    finally:
+        for submodule, name, param in swapped:
+            submodule._parameters[name] = param

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
@@ -30,9 +30,11 @@ from sb3_trpo_ext.common.policy_utils import (
     all_finite,
     distribution_params,
     index_observations,
+    parameters_replaced,
     split_actor_critic_parameters,
 )
 from sb3_trpo_ext.recurrent.lean_step import make_lean_recurrent_step
+from sb3_trpo_ext.recurrent.lstm_tangent import JacobianVector, make_lstm_jacobian_vector
 from sb3_trpo_ext.recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
 from sb3_trpo_ext.trpo.trpo import TRPO
 
@@ -89,28 +91,6 @@ def _native_cpu_kernels() -> Iterator[None]:
         yield
     finally:
         th.backends.mkldnn.enabled = previous  # type: ignore[assignment]
-
-
-@contextmanager
-def _parameters_replaced(module: th.nn.Module, values: dict[int, th.Tensor]) -> Iterator[None]:
-    """
-    Run ``module`` with some of its parameters replaced by other tensors (``id(parameter) -> tensor``), then put the
-    very same parameter objects back. Every registration of a parameter is replaced, once per module even where a
-    module is registered under several names (SB3's shared features extractor); ``torch.func.functional_call``
-    does not restore the original objects in that case. LSTMs notice the change of weights themselves.
-    """
-    swapped: list[tuple[th.nn.Module, str, th.nn.Parameter]] = []
-    try:
-        for submodule in module.modules():  # each module once
-            for name, param in submodule._parameters.items():
-                if param is not None and id(param) in values:
-                    swapped.append((submodule, name, param))
-        for submodule, name, param in swapped:
-            submodule._parameters[name] = values[id(param)]  # type: ignore[assignment]
-        yield
-    finally:
-        for submodule, name, param in swapped:
-            submodule._parameters[name] = param
 
 
 class RecurrentTRPO(TRPO):
@@ -270,6 +250,8 @@ class RecurrentTRPO(TRPO):
         super()._reset_parameter_caches()
         # Whether J v by forward-mode differentiation works for this policy (None: not tried yet)
         self._forward_mode_jvp: bool | None = None
+        # Whether J v by the LSTM's tangent recurrence applies to this policy (None: not tried yet)
+        self._lstm_tangent: bool | None = None
 
     # ----------------------------------------------------------------------------------------------------------
     # Rollouts
@@ -420,12 +402,14 @@ class RecurrentTRPO(TRPO):
         """
         Fisher-vector product ``v -> J^T M J v / N + damping v`` over the real steps of the sequences.
 
-        ``J v`` is a forward-mode derivative: the LSTM replays the sequences once with tangents on the actor
-        parameters (PyTorch's native LSTM kernels, which have forward-mode derivatives; oneDNN's, used elsewhere on
-        the CPU, have none), and ``J^T (M J v)`` is one backward pass through the graph of ``new``. This replaces
-        TRPO's "double backward" form, which differentiates through oneDNN's LSTM backward at every CG iteration
-        and costs about 1.5 times more here. Where forward mode is not available (another device's LSTM kernels, a
-        custom policy), TRPO's form is used.
+        ``J^T (M J v)`` is one backward pass through the graph of ``new``. ``J v`` is, where it applies (sb3-contrib's
+        ``get_distribution`` on a plain ``nn.LSTM``, see :mod:`~sb3_trpo_ext.recurrent.lstm_tangent`), the LSTM's
+        tangent recurrence, whose coefficients come from one forward pass per update. Otherwise it is a forward-mode
+        derivative: the LSTM replays the sequences with tangents on the actor parameters at every product
+        (PyTorch's native LSTM kernels, which have forward-mode derivatives; oneDNN's, used elsewhere on the CPU,
+        have none), about 4 times slower than the recurrence here. Both replace TRPO's "double backward" form, which
+        differentiates through oneDNN's LSTM backward at every CG iteration; that form is used where neither
+        applies (another device's LSTM kernels, a custom policy).
 
         :param params: Actor parameters
         :param new: Distribution parameters of the real steps used by the policy step, attached to the graph
@@ -433,7 +417,7 @@ class RecurrentTRPO(TRPO):
         :param observations: Padded observations of all sequences
         :return: The function computing the damped Fisher-vector product of a flat vector
         """
-        if observations is None or self._forward_mode_jvp is False:
+        if observations is None:
             return super()._fisher_vector_product_fn(params, new, old, observations)
         batch = self._sequence_batch()
         policy = self.policy
@@ -442,8 +426,31 @@ class RecurrentTRPO(TRPO):
         damping = self.cg_damping
         fisher_weight = fisher_weight_operator(old)
 
+        def jacobian_transpose_vector(m_jv: Sequence[th.Tensor]) -> th.Tensor:
+            jt_m_jv = th.autograd.grad(new.tensors, params, grad_outputs=m_jv, retain_graph=True, allow_unused=True)
+            return th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(jt_m_jv, params)])
+
+        recurrence = None
+        if self._lstm_tangent is not False and not bool(batch.episode_starts.any()):
+            recurrence = make_lstm_jacobian_vector(
+                policy, params, observations, batch.states_pi, batch.policy_rows, lambda d: distribution_params(d).tensors
+            )
+            if self._lstm_tangent is None:  # first use: it must run, and its forward pass must be the policy's
+                self._lstm_tangent = recurrence is not None and self._recurrence_applies(recurrence, params, new)
+        if recurrence is not None and self._lstm_tangent:
+            tangent_jv = recurrence[1]
+
+            def fvp_by_recurrence(vector: th.Tensor) -> th.Tensor:
+                directions = [vector[offsets[i] : offsets[i + 1]].view_as(p) for i, p in enumerate(params)]
+                jv = [th.zeros_like(t) if d is None else d for t, d in zip(new.tensors, tangent_jv(directions))]
+                return jacobian_transpose_vector(fisher_weight(jv)) / n_samples + damping * vector
+
+            return fvp_by_recurrence
+        if self._forward_mode_jvp is False:
+            return super()._fisher_vector_product_fn(params, new, old, observations)
+
         def distribution_tensors(*values: th.Tensor) -> tuple[th.Tensor, ...]:
-            with _parameters_replaced(policy, {id(p): value for p, value in zip(params, values)}):
+            with parameters_replaced(policy, {id(p): value for p, value in zip(params, values)}):
                 distribution, _ = policy.get_distribution(observations, batch.states_pi, batch.episode_starts)  # type: ignore[arg-type]
             return tuple(t[batch.policy_rows] for t in distribution_params(distribution).tensors)
 
@@ -456,10 +463,7 @@ class RecurrentTRPO(TRPO):
 
         def fvp(vector: th.Tensor) -> th.Tensor:
             jv = [th.zeros_like(t) if d is None else d for t, d in zip(new.tensors, jacobian_vector(vector))]
-            m_jv = fisher_weight(jv)
-            jt_m_jv = th.autograd.grad(new.tensors, params, grad_outputs=m_jv, retain_graph=True, allow_unused=True)
-            flat = th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(jt_m_jv, params)])
-            return flat / n_samples + damping * vector
+            return jacobian_transpose_vector(fisher_weight(jv)) / n_samples + damping * vector
 
         if self._forward_mode_jvp is None:  # first use: check that forward mode runs through this policy
             try:
@@ -469,6 +473,22 @@ class RecurrentTRPO(TRPO):
                 self._forward_mode_jvp = False
                 return super()._fisher_vector_product_fn(params, new, old, observations)
         return fvp
+
+    @staticmethod
+    def _recurrence_applies(recurrence: JacobianVector, params: list[th.nn.Parameter], new: DistParams) -> bool:
+        """
+        Whether the tangent recurrence runs through this policy (its heads in forward mode) and its own forward pass
+        gives the policy's distribution (within float32 rounding: oneDNN's LSTM rounds differently).
+        """
+        primal, jacobian_vector = recurrence
+        try:
+            jacobian_vector([th.zeros_like(p) for p in params])
+        except (RuntimeError, NotImplementedError):
+            return False
+        return len(primal) == len(new.tensors) and all(
+            mine.shape == theirs.shape and bool(th.allclose(mine, theirs.detach(), rtol=1e-3, atol=1e-4))
+            for mine, theirs in zip(primal, new.tensors)
+        )
 
     def _critic_regression(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
         """
@@ -608,4 +628,4 @@ class RecurrentTRPO(TRPO):
         )
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_last_lstm_states", "_sequences", "_forward_mode_jvp"]
+        return [*super()._excluded_save_params(), "_last_lstm_states", "_sequences", "_forward_mode_jvp", "_lstm_tangent"]
