@@ -8,8 +8,10 @@ the same run, CPU, torch on one thread.
   sb3-contrib's ``RecurrentPPO`` (same LSTM) for the cost of an LSTM policy elsewhere.
 
 Time per environment step = wall time of ``learn(steps)`` / ``steps`` (rollouts and updates together), after a
-warm-up ``learn(steps // 4)`` on the same model. The variants of a task are alternated within each pair (one warm-up
-pair, then ``--pairs`` measured ones); the ratio to ``TRPO`` is taken within a pair, then min / median / max.
+warm-up ``learn(steps // 4)`` on the same model; it is also split into the updates (``train()``, timed by wrapping
+the method on the instance) and the rest (rollouts, logging). The variants of a task are alternated within each pair
+(one warm-up pair, then ``--pairs`` measured ones); the ratio to ``TRPO`` is taken within a pair, then min / median /
+max.
 Writes ``<out>/<name>/beyond.json``; ``python -m benchmarks.report`` turns it into the README's table.
 
 Usage::
@@ -36,6 +38,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
 
 from benchmarks.common import RESULTS_DIR, timestamp, versions, write_json
+from benchmarks.speed import TrainTimer
 
 DEFAULT_OUT = RESULTS_DIR / "beyond"
 #: The variant every other one of a task is compared with.
@@ -100,17 +103,19 @@ def tasks() -> dict[str, dict[str, Callable[[], BaseAlgorithm]]]:
     }
 
 
-def ms_per_step(make_model: Callable[[], BaseAlgorithm], steps: int) -> float:
+def ms_per_step(make_model: Callable[[], BaseAlgorithm], steps: int) -> tuple[float, float]:
     """
     :param make_model: builds a fresh model.
     :param steps: measured environment steps.
-    :return: milliseconds per environment step of ``learn(steps)`` after a warm-up ``learn``.
+    :return: milliseconds per environment step of ``learn(steps)`` after a warm-up ``learn``, and of the ``train()``
+        calls (updates) within it.
     """
     model = make_model()
     model.learn(max(steps // 4, 1))  # warm-up: first calls, structure discovery
+    timer = TrainTimer(model)
     start = time.perf_counter()
     model.learn(steps, reset_num_timesteps=False)
-    return (time.perf_counter() - start) / steps * 1e3
+    return (time.perf_counter() - start) / steps * 1e3, sum(timer.times) / steps * 1e3
 
 
 def measure(steps: int, pairs: int) -> list[dict[str, Any]]:
@@ -123,9 +128,19 @@ def measure(steps: int, pairs: int) -> list[dict[str, Any]]:
     for task, variants in tasks().items():
         for pair in range(-1, pairs):
             for variant, make_model in variants.items():
-                ms = ms_per_step(make_model, steps)
-                rows.append({"task": task, "variant": variant, "pair": pair, "warmup": pair < 0, "steps": steps, "ms": ms})
-                print(f"{task:50s} {variant:28s} pair {pair:2d}: {ms:.4f} ms per env step")
+                ms, train_ms = ms_per_step(make_model, steps)
+                rows.append(
+                    {
+                        "task": task,
+                        "variant": variant,
+                        "pair": pair,
+                        "warmup": pair < 0,
+                        "steps": steps,
+                        "ms": ms,
+                        "train_ms": train_ms,
+                    }
+                )
+                print(f"{task:50s} {variant:28s} pair {pair:2d}: {ms:.4f} ms per env step, train() {train_ms:.4f}")
     return rows
 
 
@@ -133,25 +148,28 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """
     :param rows: the rows of :func:`measure`.
     :return: per task and variant: median ``ms`` per step, and ``ratio`` to the baseline of the same pair as
-        ``(min, median, max)``.
+        ``(min, median, max)``; the same split into ``train()`` (``train_ms``, ``train_ratio``) and the rest, rollouts
+        and logging (``rest_ms``, ``rest_ratio``).
     """
     result: dict[str, dict[str, dict[str, Any]]] = {}
     for task in dict.fromkeys(row["task"] for row in rows):
-        by_pair: dict[int, dict[str, float]] = {}
+        by_pair: dict[int, dict[str, dict[str, float]]] = {}
         for row in rows:
             if row["task"] == task and not row["warmup"]:
-                by_pair.setdefault(row["pair"], {})[row["variant"]] = row["ms"]
+                parts = {"": row["ms"], "train_": row["train_ms"], "rest_": row["ms"] - row["train_ms"]}
+                by_pair.setdefault(row["pair"], {})[row["variant"]] = parts
         variants = list(dict.fromkeys(row["variant"] for row in rows if row["task"] == task))
         result[task] = {}
         for variant in variants:
-            times = [pair[variant] for pair in by_pair.values() if variant in pair]
-            ratios = [pair[variant] / pair[BASELINE] for pair in by_pair.values() if variant in pair and BASELINE in pair]
-            if times and ratios:
-                result[task][variant] = {
-                    "ms": statistics.median(times),
-                    "ratio": (min(ratios), statistics.median(ratios), max(ratios)),
-                    "pairs": len(ratios),
-                }
+            pairs = [pair for pair in by_pair.values() if variant in pair and BASELINE in pair]
+            if not pairs:
+                continue
+            entry: dict[str, Any] = {"pairs": len(pairs)}
+            for part in ("", "train_", "rest_"):
+                ratios = [pair[variant][part] / pair[BASELINE][part] for pair in pairs]
+                entry[f"{part}ms"] = statistics.median(pair[variant][part] for pair in pairs)
+                entry[f"{part}ratio"] = (min(ratios), statistics.median(ratios), max(ratios))
+            result[task][variant] = entry
     return result
 
 

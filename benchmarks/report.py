@@ -743,15 +743,21 @@ def beyond_table(run_dir: Path | None) -> str:
         f"Run `{run_dir.name}` ({data['created']}): sb3_trpo_ext {v['sb3_trpo_ext']} (commit {v['git_commit']}), "
         f"torch {v['torch']} on {data['torch_threads']} thread, CPU, load average at the end: {load}. Time per "
         "environment step of `learn()` (rollouts and updates), median; ratio to TRPO within each round, "
-        "min / median / max.",
+        "min / median / max; the same time split into the updates (`train()`) and the rest (rollouts, logging), "
+        "median and median ratio to TRPO.",
         "",
-        "| task | algorithm | ms per env step | x TRPO (min / median / max) |",
-        "|---|---|---:|---:|",
+        "| task | algorithm | ms per env step | x TRPO (min / median / max) | train() ms per env step (x TRPO) "
+        "| rest ms per env step (x TRPO) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for task, variants in data["summary"].items():
         for variant, entry in variants.items():
             ratio = "{:.2f} / {:.2f} / {:.2f}".format(*entry["ratio"])
-            lines.append(f"| {task} | {variant} | {entry['ms']:.3f} | {ratio} |")
+            parts = [
+                f"{entry[f'{part}_ms']:.3f} ({entry[f'{part}_ratio'][1]:.2f})" if f"{part}_ms" in entry else ""
+                for part in ("train", "rest")
+            ]
+            lines.append(f"| {task} | {variant} | {entry['ms']:.3f} | {ratio} | {parts[0]} | {parts[1]} |")
     return "\n".join(lines) + "\n"
 
 

@@ -119,6 +119,7 @@ def test_smoke_pipeline_writes_results_figures_and_readme_tables(tmp_path: Path)
     beyond = json.loads((results / "beyond" / "smoke" / "beyond.json").read_text())
     variants = {variant for task in beyond["summary"].values() for variant in task}
     assert {"TRPO", "MaskableTRPO", "RecurrentTRPO"} <= variants and beyond["torch_threads"] == 1
+    assert all(0 < row["train_ms"] < row["ms"] for row in beyond["rows"])  # updates are a part of learn()
 
     # Report: figures, and tables only between the markers of a copy of the README.
     readme = tmp_path / "README.md"
@@ -359,3 +360,23 @@ def test_make_model_builds_a_probe_subclass_and_refuses_another_family() -> None
     assert type(model) is ProbedTRPO and model.n_steps == config.model_kwargs["n_steps"]
     with pytest.raises(TypeError, match="not a subclass"):
         make_model("sb3_contrib", config, env, seed=0, algorithm=ProbedTRPO)
+
+
+def test_beyond_speed_splits_each_ratio_into_updates_and_the_rest(tmp_path: Path) -> None:
+    from benchmarks.beyond_speed import summary
+    from benchmarks.report import beyond_table
+
+    def row(variant: str, pair: int, ms: float, train_ms: float) -> dict:
+        return {"task": "t", "variant": variant, "pair": pair, "warmup": pair < 0, "steps": 8, "ms": ms, "train_ms": train_ms}
+
+    rows = [row("TRPO", -1, 99.0, 1.0), row("X", -1, 1.0, 0.5)]  # the warm-up round is left out
+    rows += [row("TRPO", 0, 1.0, 0.25), row("X", 0, 3.0, 2.5), row("TRPO", 1, 2.0, 0.5), row("X", 1, 4.0, 3.0)]
+    x = summary(rows)["t"]["X"]
+    assert x["ratio"] == (2.0, 2.5, 3.0) and x["pairs"] == 2
+    assert x["train_ratio"] == (6.0, 8.0, 10.0) and x["train_ms"] == 2.75  # 2.5 / 0.25 and 3.0 / 0.5
+    assert x["rest_ratio"] == (0.5 / 0.75, (0.5 / 0.75 + 1.0 / 1.5) / 2, 1.0 / 1.5) and x["rest_ms"] == 0.75
+
+    versions = {"sb3_trpo_ext": "0", "git_commit": "c", "torch": "2"}
+    data = {"created": "now", "versions": versions, "load_average": [1, 1, 1], "torch_threads": 1}
+    (tmp_path / "beyond.json").write_text(json.dumps({**data, "summary": summary(rows)}))
+    assert "| t | X | 3.500 | 2.00 / 2.50 / 3.00 | 2.750 (8.00) | 0.750 (0.67) |" in beyond_table(tmp_path)
