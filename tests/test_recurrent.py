@@ -171,6 +171,33 @@ def test_critic_regression_never_moves_the_policy() -> None:
     assert not bit_identical(critic, critic_snapshot)
 
 
+@pytest.mark.parametrize("policy_kwargs", [TINY_LSTM, {**TINY_LSTM, "shared_lstm": True, "enable_critic_lstm": False}])
+def test_lean_critic_loss_equals_the_loss_through_predict_values(policy_kwargs: dict) -> None:
+    """The critic's minibatch loss from features prepared once per update (time first, real steps weighted) is the mean
+    squared error of predict_values over the minibatch's real steps, with the same gradients; the lean form applies to a
+    critic LSTM of its own only (the shared LSTM's critic has no LSTM to train)."""
+    model = only_collected("box", policy_kwargs=policy_kwargs)
+    data = next(model.rollout_buffer.get(batch_size=None))
+    model._sequences = model._prepare_sequences(data)
+    _, critic = model._split_parameters(data.observations)
+    returns = data.returns + th.randn(data.returns.shape, generator=th.Generator().manual_seed(0))  # a sizeable loss
+    lean = model._lean_critic_loss_fn(
+        data.observations,
+        returns.view(model._sequences.n_seq, -1),
+        (data.mask > 0.5).view(model._sequences.n_seq, -1),
+        critic,
+    )
+    assert (lean is None) == ("shared_lstm" in policy_kwargs)
+    if lean is None:
+        return
+    generic = model._critic_loss_fn(data.observations, returns, critic, lean=False)
+    for seqs in (th.arange(model._sequences.n_seq), th.tensor([2, 0]), th.tensor([model._sequences.n_seq - 1])):
+        expected, got = generic(seqs), lean(seqs)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+        for g_got, g_expected in zip(th.autograd.grad(got, critic), th.autograd.grad(expected, critic)):
+            th.testing.assert_close(g_got, g_expected, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Spaces, options, save/load
 # --------------------------------------------------------------------------------------------------------------

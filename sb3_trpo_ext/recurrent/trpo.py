@@ -17,7 +17,7 @@ from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
@@ -508,29 +508,86 @@ class RecurrentTRPO(TRPO):
         optimizer = self.policy.optimizer
         update = optimizer_update(optimizer, critic_params)  # Adam's fused kernel where it applies
         step_losses: list[th.Tensor] = []
+        seqs_per_batch = max(1, round(self.batch_size * batch.n_seq / max(1, batch.real.numel())))
+        value_loss_of = self._critic_loss_fn(observations, returns, critic_params)
+        for _ in range(self.n_critic_updates):
+            permutation = th.randperm(batch.n_seq, device=returns.device)
+            for start in range(0, batch.n_seq, seqs_per_batch):
+                value_loss = value_loss_of(permutation[start : start + seqs_per_batch])
+                update(th.autograd.grad(value_loss, critic_params))
+                step_losses.append(value_loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        return [float(x) for x in th.stack(step_losses).tolist()] if step_losses else []
+
+    def _critic_loss_fn(
+        self, observations: PyTorchObs, returns: th.Tensor, critic_params: list[th.nn.Parameter], lean: bool = True
+    ) -> Callable[[th.Tensor], th.Tensor]:
+        """
+        :param observations: Padded observations of all sequences
+        :param returns: Padded returns (padding rows are ignored)
+        :param critic_params: The critic's parameters
+        :param lean: Whether :meth:`_lean_critic_loss_fn` may be used where it applies
+        :return: ``seqs -> value loss`` of the minibatch of those sequences: the squared error of
+            ``predict_values`` averaged over their real steps
+        """
+        batch = self._sequence_batch()
         real_mask = th.zeros(batch.n_seq * batch.max_length, dtype=th.bool, device=returns.device)
         real_mask[batch.real] = True
         real_mask = real_mask.view(batch.n_seq, batch.max_length)
         returns_seq = returns.view(batch.n_seq, batch.max_length)
-        seqs_per_batch = max(1, round(self.batch_size * batch.n_seq / max(1, batch.real.numel())))
-        for _ in range(self.n_critic_updates):
-            permutation = th.randperm(batch.n_seq, device=returns.device)
-            for start in range(0, batch.n_seq, seqs_per_batch):
-                seqs = permutation[start : start + seqs_per_batch]
-                rows = (seqs[:, None] * batch.max_length + th.arange(batch.max_length, device=seqs.device)).flatten()
-                states = (batch.states_vf[0][:, seqs].contiguous(), batch.states_vf[1][:, seqs].contiguous())
-                values = self.policy.predict_values(
-                    index_observations(observations, rows),  # type: ignore[arg-type]
-                    states,
-                    batch.episode_starts[rows],
-                ).view(len(seqs), batch.max_length)
-                mask = real_mask[seqs]
-                value_loss = ((values - returns_seq[seqs]) ** 2)[mask].mean()
-                grads = th.autograd.grad(value_loss, critic_params)
-                update(grads)
-                step_losses.append(value_loss.detach())
-        optimizer.zero_grad(set_to_none=True)
-        return [float(x) for x in th.stack(step_losses).tolist()] if step_losses else []
+        lean_loss = self._lean_critic_loss_fn(observations, returns_seq, real_mask, critic_params) if lean else None
+        if lean_loss is not None:
+            return lean_loss
+
+        def loss(seqs: th.Tensor) -> th.Tensor:
+            rows = (seqs[:, None] * batch.max_length + th.arange(batch.max_length, device=seqs.device)).flatten()
+            states = (batch.states_vf[0][:, seqs].contiguous(), batch.states_vf[1][:, seqs].contiguous())
+            values = self.policy.predict_values(
+                index_observations(observations, rows),  # type: ignore[arg-type]
+                states,
+                batch.episode_starts[rows],
+            ).view(len(seqs), batch.max_length)
+            return ((values - returns_seq[seqs]) ** 2)[real_mask[seqs]].mean()
+
+        return loss
+
+    def _lean_critic_loss_fn(
+        self, observations: PyTorchObs, returns_seq: th.Tensor, real_mask: th.Tensor, critic_params: list[th.nn.Parameter]
+    ) -> Callable[[th.Tensor], th.Tensor] | None:
+        """
+        ``seqs -> value loss`` of a minibatch of sequences, as :meth:`_critic_loss_fn` computes it through
+        ``predict_values``, with the per-update work done once: the features of every sequence, time first, and the
+        returns and real-step weights in the same layout, so that a minibatch is a few index operations, the critic's
+        LSTM and its heads. Applies to sb3-contrib's ``predict_values`` with a critic LSTM of its own and a features
+        extractor the critic does not train, on sequences without episode starts; otherwise ``None``.
+        """
+        policy, batch = self.policy, self._sequence_batch()
+        cls = type(policy)
+        if (
+            cls.predict_values is not RecurrentActorCriticPolicy.predict_values
+            or cls._process_sequence is not RecurrentActorCriticPolicy._process_sequence  # type: ignore[comparison-overlap]
+            or policy.lstm_critic is None
+            or bool(batch.episode_starts.any())
+        ):
+            return None
+        critic_ids = {id(p) for p in critic_params}
+        if any(id(p) in critic_ids for p in policy.vf_features_extractor.parameters()):
+            return None
+        with th.no_grad():
+            features = super(ActorCriticPolicy, policy).extract_features(observations, policy.vf_features_extractor)  # type: ignore[arg-type]
+        # as _process_sequence: (n_seq * T, k) -> (T, n_seq, k)
+        features_tf = features.reshape(batch.n_seq, batch.max_length, -1).swapaxes(0, 1)
+        returns_tf, real_tf = returns_seq.t(), real_mask.t().to(returns_seq.dtype)
+        real_counts = real_mask.sum(dim=1).to(returns_seq.dtype)
+        lstm, states = policy.lstm_critic, batch.states_vf
+
+        def loss(seqs: th.Tensor) -> th.Tensor:
+            latent, _ = lstm(features_tf[:, seqs], (states[0][:, seqs], states[1][:, seqs]))
+            values = policy.value_net(policy.mlp_extractor.forward_critic(latent)).squeeze(-1)
+            squared = (values - returns_tf[:, seqs]).square() * real_tf[:, seqs]
+            return squared.sum() / real_counts[seqs].sum()
+
+        return loss
 
     def _prepare_sequences(self, data: Any) -> SequenceBatch:
         """
