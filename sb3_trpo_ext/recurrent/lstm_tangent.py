@@ -11,9 +11,10 @@ parameters and inputs is linear, with coefficients that depend only on the forwa
     dc_t = f dc_{t-1} + g di + c_{t-1} df + i dg
     dh_t = tanh(c_t) do + o (1 - tanh(c_t)^2) dc_t
 
-:class:`LSTMTangent` runs the forward pass once per update and keeps those coefficients; each ``J v`` then computes
-the bracket for all steps at once (matrix products over the whole batch) and walks the sequences with one small
-matrix product and a few element-wise operations per step. Forward-mode differentiation through PyTorch's LSTM kernel
+:class:`LSTMLayerTangent` runs the forward pass once per update and keeps those coefficients; each ``J v`` then
+computes the bracket for all steps at once (matrix products over the whole batch) and walks the sequences with one
+small matrix product and a few element-wise operations per step (on NumPy views of the tensors on the CPU, where
+each operation costs less). Forward-mode differentiation through PyTorch's LSTM kernel
 (what this replaces) recomputes the forward pass and dispatches many more operations per step, at every ``J v``.
 The initial states of the sequences are held fixed (``dh_0 = dc_0 = 0``), as in the replay of the update.
 """
@@ -84,14 +85,16 @@ class LSTMLayerTangent:
                 th.tanh(cells[t + 1], out=tanh_cell[t])
                 h = th.mul(o, tanh_cell[t], out=outputs[t])
             i, f, g, o = activated.chunk(4, dim=2)
+            # d(i, f, g, o) = slope * dz; dc = g di + c_{t-1} df + i dg + f dc_{t-1}; dh = tanh(c) do + o' dc
             gate_slope = activated * (1 - activated)
             gate_slope[:, :, candidate] = 1 - g * g
-            cell_coefficient = th.cat((g, cells[:-1], i), dim=2)  # dc = g di + c_{t-1} df + i dg + f dc_{t-1}
+            # so dz_i, dz_f, dz_g enter dc and dz_o enters dh with these weights (slopes folded in)
+            gate_weight = gate_slope * th.cat((g, cells[:-1], i, tanh_cell), dim=2)
             forget = f.contiguous()
             output_slope = o * (1 - tanh_cell * tanh_cell)
             previous_h = th.cat((state[0].detach().unsqueeze(0), outputs[:-1]))
         self.previous_h = previous_h.view(n_steps * n_seq, hidden_size)
-        self._coefficients = (self.w_hh_t, gate_slope, cell_coefficient, forget, tanh_cell, output_slope)
+        self._coefficients = (self.w_hh_t, gate_weight, forget, output_slope)
         on_cpu = inputs.device.type == "cpu" and inputs.dtype in (th.float32, th.float64)
         self._numpy = tuple(t.numpy() for t in self._coefficients) if on_cpu else None
         #: ``h_t`` of every step, ``(T, n, hidden_size)``: the layer's output at the current weights
@@ -132,19 +135,18 @@ def _walk(driving: Array, d_outputs: Array, w_hh_t: Array, *coefficients: Array)
     :param driving: ``dW_ih x_t + W_ih dx_t + dW_hh h_{t-1} + db``, ``(T, n, 4 * hidden_size)``
     :param d_outputs: Filled with ``dh_t``, ``(T, n, hidden_size)``
     :param w_hh_t: ``W_hh`` transposed
-    :param coefficients: Gate slopes, cell coefficients, forget gates, ``tanh(c_t)``, output slopes (see
-        :class:`LSTMLayerTangent`)
+    :param coefficients: Gate weights, forget gates, output slopes (see :class:`LSTMLayerTangent`)
     """
-    gate_slope, cell_coefficient, forget, tanh_cell, output_slope = coefficients
-    n_steps, n_seq, hidden_size = d_outputs.shape
-    three = 3 * hidden_size
+    gate_weight, forget, output_slope = coefficients
+    n_steps, _, hidden_size = d_outputs.shape
+    f_, g_, o_ = hidden_size, 2 * hidden_size, 3 * hidden_size
     d_h: Array | None = None
     d_c: Array | None = None
     for t in range(n_steps):
-        d_gates = (driving[t] if d_h is None else driving[t] + d_h @ w_hh_t) * gate_slope[t]
-        d_cell_input = (d_gates[:, :three] * cell_coefficient[t]).reshape(n_seq, 3, hidden_size).sum(1)
+        weighted = (driving[t] if d_h is None else driving[t] + d_h @ w_hh_t) * gate_weight[t]
+        d_cell_input = weighted[:, :f_] + weighted[:, f_:g_] + weighted[:, g_:o_]
         d_c = d_cell_input if d_c is None else d_cell_input + forget[t] * d_c
-        d_h = d_gates[:, three:] * tanh_cell[t] + output_slope[t] * d_c
+        d_h = weighted[:, o_:] + output_slope[t] * d_c
         d_outputs[t] = d_h
 
 
