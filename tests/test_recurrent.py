@@ -119,6 +119,19 @@ def test_accepted_step_satisfies_the_trust_region_on_real_steps(kind: str) -> No
     assert values["train/surrogate_after"] > values["train/surrogate_before"]
 
 
+def explicit_fisher(model: RecurrentTRPO, data: object, params: list) -> th.Tensor:
+    """The Hessian of the mean KL(old || new) over the buffer's real steps at the current parameters, row by row
+    (independent of RecurrentTRPO's batching: sb3-contrib's step-by-step LSTM loop)."""
+    old = [detached_copy(d) for d in reference_distributions(model, data)]
+    mean_kl = summed_kl(old, reference_distributions(model, data)).mean()
+    flat = th.cat([g.reshape(-1) for g in th.autograd.grad(mean_kl, params, create_graph=True)])
+    rows = []
+    for i in range(flat.numel()):
+        row = th.autograd.grad(flat[i], params, retain_graph=True, allow_unused=True)
+        rows.append(th.cat([(th.zeros_like(p) if r is None else r).reshape(-1) for r, p in zip(row, params)]))
+    return th.stack(rows).double()
+
+
 @pytest.mark.parametrize(
     "layout",
     [{}, {"n_lstm_layers": 2}, {"shared_lstm": True, "enable_critic_lstm": False}],
@@ -133,14 +146,7 @@ def test_fisher_vector_product_matches_explicit_fisher_over_sequences(kind: str,
     data = next(model.rollout_buffer.get(batch_size=None))
     batch = model._prepare_sequences(data)
     params, _ = model._split_parameters(data.observations)
-    old = [detached_copy(d) for d in reference_distributions(model, data)]
-    mean_kl = summed_kl(old, reference_distributions(model, data)).mean()
-    flat = th.cat([g.reshape(-1) for g in th.autograd.grad(mean_kl, params, create_graph=True)])
-    rows = []
-    for i in range(flat.numel()):
-        row = th.autograd.grad(flat[i], params, retain_graph=True, allow_unused=True)
-        rows.append(th.cat([(th.zeros_like(p) if r is None else r).reshape(-1) for r, p in zip(row, params)]))
-    fisher = th.stack(rows).double()
+    fisher = explicit_fisher(model, data, params)
 
     model._sequences = batch
     actions = data.actions.float().long().flatten() if kind == "discrete" else data.actions.float()
@@ -155,6 +161,22 @@ def test_fisher_vector_product_matches_explicit_fisher_over_sequences(kind: str,
         v = th.randn(fisher.shape[0], generator=generator)
         expected = fisher @ v.double() + model.cg_damping * v.double()
         assert th.linalg.norm(fvp(v).double() - expected) / th.linalg.norm(expected) < 1e-4
+
+
+def test_fisher_vector_product_with_gsde_matches_the_double_backward_form() -> None:
+    """gSDE: the action noise's scale depends on the latent features too; the tangent recurrence's forward-mode heads
+    carry that dependence. Compared with TRPO's double-backward form, an independent derivation (the float32 explicit
+    Hessian of the KL is only good to about 1e-4 here, for all three forms alike)."""
+    model = only_collected("box", n_envs=2, use_sde=True, policy_kwargs={"net_arch": [3], "lstm_hidden_size": 3})
+    params, new, observations = fisher_product_parts(model)
+    fvp = model._fisher_vector_product_fn(params, new, new.detach(), observations)
+    assert model._lstm_tangent is True
+    double_backward = model._fisher_vector_product_fn(params, new, new.detach(), None)
+    generator = th.Generator().manual_seed(0)
+    for _ in range(3):
+        v = th.randn(sum(p.numel() for p in params), generator=generator)
+        expected = double_backward(v).double()
+        assert th.linalg.norm(fvp(v).double() - expected) / th.linalg.norm(expected) < 1e-6
 
 
 def test_critic_regression_never_moves_the_policy() -> None:
@@ -385,6 +407,58 @@ def test_lstm_tangent_recurrence_equals_forward_mode_through_nn_lstm(backend: st
     partial = [directions[0], None, directions[2], None]
     zeros = [directions[0], th.zeros_like(directions[1]), directions[2], th.zeros_like(directions[3])]
     th.testing.assert_close(tangent(partial, None), tangent(zeros, th.zeros_like(inputs)))
+
+
+def fisher_product_parts(model: RecurrentTRPO) -> tuple:
+    """Everything _fisher_vector_product_fn needs, from the model's collected buffer."""
+    data = next(model.rollout_buffer.get(batch_size=None))
+    model._sequences = model._prepare_sequences(data)
+    params, _ = model._split_parameters(data.observations)
+    real = model._sequences.real
+    actions = data.actions.float()
+    _, new = model._surrogate(data.observations, actions, data.old_log_prob[real], th.zeros(real.numel()))
+    return params, new, data.observations
+
+
+def test_tangent_recurrence_is_checked_against_forward_mode_on_first_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recurrence whose forward pass is right but whose J v is not (here: twice the true one) is caught on first use
+    by the comparison with forward mode, and forward mode is used instead, for good; a correct one passes."""
+    import sb3_trpo_ext.recurrent.trpo as recurrent_module
+
+    correct = recurrent_module.make_lstm_jacobian_vector
+
+    def doubled(*args: object, **kwargs: object) -> object:
+        built = correct(*args, **kwargs)  # type: ignore[arg-type]
+        assert built is not None
+        primal, jacobian_vector = built
+        return primal, lambda directions: tuple(2 * t for t in jacobian_vector(directions))
+
+    model = only_collected("box")
+    params, new, observations = fisher_product_parts(model)
+    model._fisher_vector_product_fn(params, new, new.detach(), observations)
+    assert model._lstm_tangent is True and model._forward_mode_jvp is None
+    model._lstm_tangent = None
+    monkeypatch.setattr(recurrent_module, "make_lstm_jacobian_vector", doubled)
+    model._fisher_vector_product_fn(params, new, new.detach(), observations)
+    assert model._lstm_tangent is False and model._forward_mode_jvp is True
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.nn.utils.weight_norm is deprecated
+def test_tangent_recurrence_steps_aside_for_a_reparametrised_lstm() -> None:
+    """With weight normalisation on the actor's LSTM, its trainable parameters are not the LSTM's flat weights (which
+    the recurrence differentiates): the recurrence does not apply, and the Fisher product of the path taken instead
+    is the explicit Fisher matrix's."""
+    model = only_collected("box", n_envs=2, policy_kwargs={"net_arch": [3], "lstm_hidden_size": 3})
+    th.nn.utils.weight_norm(model.policy.lstm_actor, "weight_hh_l0")
+    model._refresh_parameter_caches()
+    params, new, observations = fisher_product_parts(model)
+    assert any(p is model.policy.lstm_actor.weight_hh_l0_v for p in params)
+    fvp = model._fisher_vector_product_fn(params, new, new.detach(), observations)
+    assert model._lstm_tangent is False
+    fisher = explicit_fisher(model, next(model.rollout_buffer.get(batch_size=None)), params)
+    v = th.randn(fisher.shape[0], generator=th.Generator().manual_seed(0))
+    expected = fisher @ v.double() + model.cg_damping * v.double()
+    assert th.linalg.norm(fvp(v).double() - expected) / th.linalg.norm(expected) < 1e-4
 
 
 def test_tangent_recurrence_follows_the_features_extractor() -> None:

@@ -32,6 +32,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
 from torch.autograd import forward_ad
 
+from sb3_trpo_ext.common.critic import single_threaded_blas
 from sb3_trpo_ext.common.policy_utils import parameters_replaced
 
 LSTM_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -106,6 +107,10 @@ class LSTMLayerTangent:
         :param d_inputs: Direction of the inputs ``(T, n, input_size)``, or ``None`` (zero)
         :return: ``dh_t`` of every step, ``(T, n, hidden_size)``
         """
+        with th.no_grad():
+            return self._tangent(d_weights, d_inputs)
+
+    def _tangent(self, d_weights: Sequence[th.Tensor | None], d_inputs: th.Tensor | None) -> th.Tensor:
         n_steps, n_seq, hidden_size = self.outputs.shape
         d_w_ih, d_w_hh, d_b_ih, d_b_hh = d_weights
         driving = self.inputs.new_zeros((n_steps * n_seq, 4 * hidden_size))
@@ -122,7 +127,8 @@ class LSTMLayerTangent:
         driving = driving.view(n_steps, n_seq, 4 * hidden_size)
         d_outputs = self.outputs.new_empty(self.outputs.shape)
         if self._numpy is not None:  # the same walk on NumPy views of the same memory: less overhead per operation
-            _walk(driving.numpy(), d_outputs.numpy(), *self._numpy)
+            with single_threaded_blas():  # OpenBLAS's threads only slow these small products down
+                _walk(driving.numpy(), d_outputs.numpy(), *self._numpy)
         else:
             _walk(driving, d_outputs, *self._coefficients)
         return d_outputs
@@ -189,6 +195,8 @@ def make_lstm_jacobian_vector(
     index_of = {id(p): k for k, p in enumerate(params)}
     lstm_weights = [[getattr(lstm, f"{name}_l{layer}") for name in LSTM_WEIGHTS] for layer in range(n_layers)]
     lstm_ids = {id(w) for layer in lstm_weights for w in layer}
+    if {id(p) for p in lstm.parameters()} != lstm_ids:  # e.g. a reparametrised weight: its parameters are not these
+        return None
     others = [p for p in params if id(p) not in lstm_ids]  # features extractor, actor network, action head, log_std
     extractor_ids = {id(p) for p in policy.pi_features_extractor.parameters()}
     extractor_moves = any(id(p) in extractor_ids for p in others)
@@ -220,11 +228,12 @@ def make_lstm_jacobian_vector(
             d_inputs = None
             if extractor_moves:
                 with parameters_replaced(policy, duals):
-                    d_inputs = time_first(forward_ad.unpack_dual(extract_features()).tangent)
+                    d_features = forward_ad.unpack_dual(extract_features()).tangent
+                d_inputs = None if d_features is None else time_first(d_features)
             for layer, tangent in enumerate(layers):
                 d_weights = [directions[index_of[id(w)]] if id(w) in index_of else None for w in lstm_weights[layer]]
                 d_inputs = tangent(d_weights, d_inputs)
-            assert d_inputs is not None
+            assert d_inputs is not None  # an LSTM layer always returns its tangent
             with parameters_replaced(policy, duals):
                 outputs = heads(forward_ad.make_dual(lstm_output, batch_first(d_inputs)))
             return tuple(forward_ad.unpack_dual(out).tangent for out in outputs)

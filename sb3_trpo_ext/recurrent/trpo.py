@@ -430,36 +430,40 @@ class RecurrentTRPO(TRPO):
             jt_m_jv = th.autograd.grad(new.tensors, params, grad_outputs=m_jv, retain_graph=True, allow_unused=True)
             return th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(jt_m_jv, params)])
 
-        recurrence = None
-        if self._lstm_tangent is not False and not bool(batch.episode_starts.any()):
-            recurrence = make_lstm_jacobian_vector(
-                policy, params, observations, batch.states_pi, batch.policy_rows, lambda d: distribution_params(d).tensors
-            )
-            if self._lstm_tangent is None:  # first use: it must run, and its forward pass must be the policy's
-                self._lstm_tangent = recurrence is not None and self._recurrence_applies(recurrence, params, new)
-        if recurrence is not None and self._lstm_tangent:
-            tangent_jv = recurrence[1]
-
-            def fvp_by_recurrence(vector: th.Tensor) -> th.Tensor:
-                directions = [vector[offsets[i] : offsets[i + 1]].view_as(p) for i, p in enumerate(params)]
-                jv = [th.zeros_like(t) if d is None else d for t, d in zip(new.tensors, tangent_jv(directions))]
-                return jacobian_transpose_vector(fisher_weight(jv)) / n_samples + damping * vector
-
-            return fvp_by_recurrence
-        if self._forward_mode_jvp is False:
-            return super()._fisher_vector_product_fn(params, new, old, observations)
+        def directions_of(vector: th.Tensor) -> list[th.Tensor]:
+            return [vector[offsets[i] : offsets[i + 1]].view_as(p) for i, p in enumerate(params)]
 
         def distribution_tensors(*values: th.Tensor) -> tuple[th.Tensor, ...]:
             with parameters_replaced(policy, {id(p): value for p, value in zip(params, values)}):
                 distribution, _ = policy.get_distribution(observations, batch.states_pi, batch.episode_starts)  # type: ignore[arg-type]
             return tuple(t[batch.policy_rows] for t in distribution_params(distribution).tensors)
 
-        def jacobian_vector(vector: th.Tensor) -> tuple[th.Tensor, ...]:
-            tangents = tuple(vector[offsets[i] : offsets[i + 1]].view_as(p) for i, p in enumerate(params))
+        def jacobian_vector(vector: th.Tensor) -> tuple[th.Tensor, ...]:  # forward mode through the whole policy
             with th.no_grad(), _native_cpu_kernels(), forward_ad.dual_level():
-                duals = [forward_ad.make_dual(p.detach(), t) for p, t in zip(params, tangents)]
+                duals = [forward_ad.make_dual(p.detach(), d) for p, d in zip(params, directions_of(vector))]
                 outputs = distribution_tensors(*duals)
                 return tuple(forward_ad.unpack_dual(out).tangent for out in outputs)
+
+        def recurrence() -> JacobianVector | None:
+            return make_lstm_jacobian_vector(
+                policy, params, observations, batch.states_pi, batch.policy_rows, lambda d: distribution_params(d).tensors
+            )
+
+        if self._lstm_tangent is not False and not bool(batch.episode_starts.any()):
+            if self._lstm_tangent is None:  # first use: checked once per model
+                n_params = int(offsets[-1])
+                self._lstm_tangent = self._recurrence_applies(recurrence, new, n_params, directions_of, jacobian_vector)
+            built = recurrence() if self._lstm_tangent else None
+            if built is not None:
+                tangent_jv = built[1]
+
+                def fvp_by_recurrence(vector: th.Tensor) -> th.Tensor:
+                    jv = [th.zeros_like(t) if d is None else d for t, d in zip(new.tensors, tangent_jv(directions_of(vector)))]
+                    return jacobian_transpose_vector(fisher_weight(jv)) / n_samples + damping * vector
+
+                return fvp_by_recurrence
+        if self._forward_mode_jvp is False:
+            return super()._fisher_vector_product_fn(params, new, old, observations)
 
         def fvp(vector: th.Tensor) -> th.Tensor:
             jv = [th.zeros_like(t) if d is None else d for t, d in zip(new.tensors, jacobian_vector(vector))]
@@ -475,20 +479,50 @@ class RecurrentTRPO(TRPO):
         return fvp
 
     @staticmethod
-    def _recurrence_applies(recurrence: JacobianVector, params: list[th.nn.Parameter], new: DistParams) -> bool:
+    def _recurrence_applies(
+        recurrence: Callable[[], JacobianVector | None],
+        new: DistParams,
+        n_params: int,
+        directions_of: Callable[[th.Tensor], list[th.Tensor]],
+        forward_mode: Callable[[th.Tensor], tuple[th.Tensor, ...]],
+    ) -> bool:
         """
-        Whether the tangent recurrence runs through this policy (its heads in forward mode) and its own forward pass
-        gives the policy's distribution (within float32 rounding: oneDNN's LSTM rounds differently).
+        Whether the LSTM's tangent recurrence applies to this policy: its structure is one the recurrence knows, it
+        runs (the heads in forward mode), its own forward pass gives the policy's distribution (within float32
+        rounding: oneDNN's LSTM rounds differently), and ``J v`` along a fixed random direction equals forward mode
+        through the whole policy to 1e-4 (where forward mode runs; cuDNN's LSTM has none).
+
+        :param recurrence: Builds the recurrence (``None`` where its structure does not apply)
+        :param new: Distribution parameters of the real steps used by the policy step
+        :param n_params: Number of actor parameters
+        :param directions_of: Flat vector -> one direction per actor parameter
+        :param forward_mode: Flat vector -> ``J v`` by forward mode through the whole policy
         """
-        primal, jacobian_vector = recurrence
+        device = new.tensors[0].device
+        vector = th.randn(n_params, generator=th.Generator(device).manual_seed(0), device=device)  # not the global RNG
         try:
-            jacobian_vector([th.zeros_like(p) for p in params])
-        except (RuntimeError, NotImplementedError):
+            built = recurrence()
+            if built is None:
+                return False
+            primal, jacobian_vector = built
+            if len(primal) != len(new.tensors) or not all(
+                mine.shape == theirs.shape and bool(th.allclose(mine, theirs.detach(), rtol=1e-3, atol=1e-4))
+                for mine, theirs in zip(primal, new.tensors)
+            ):
+                return False
+            tangents = jacobian_vector(directions_of(vector))
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError):
             return False
-        return len(primal) == len(new.tensors) and all(
-            mine.shape == theirs.shape and bool(th.allclose(mine, theirs.detach(), rtol=1e-3, atol=1e-4))
-            for mine, theirs in zip(primal, new.tensors)
-        )
+        try:
+            expected = forward_mode(vector)
+        except (RuntimeError, NotImplementedError):
+            return True  # no forward mode to compare with: the structural and forward-pass checks stand
+        for mine, theirs, like in zip(tangents, expected, new.tensors):
+            mine = th.zeros_like(like) if mine is None else mine
+            theirs = th.zeros_like(like) if theirs is None else theirs
+            if not bool(th.linalg.vector_norm(mine - theirs) <= 1e-4 * th.linalg.vector_norm(theirs) + 1e-12):
+                return False
+        return True
 
     def _critic_regression(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
         """
