@@ -379,4 +379,5 @@ def test_beyond_speed_splits_each_ratio_into_updates_and_the_rest(tmp_path: Path
     versions = {"sb3_trpo_ext": "0", "git_commit": "c", "torch": "2"}
     data = {"created": "now", "versions": versions, "load_average": [1, 1, 1], "torch_threads": 1}
     (tmp_path / "beyond.json").write_text(json.dumps({**data, "summary": summary(rows)}))
-    assert "| t | X | 3.500 | 2.00 / 2.50 / 3.00 | 2.750 (8.00) | 0.750 (0.67) |" in beyond_table(tmp_path)
+    # a 1.5x total would leave 1.5 * 1.5 (TRPO's median total) - 0.75 (X's rest) = 1.5 for X's train()
+    assert "| t | X | 3.500 | 2.00 / 2.50 / 3.00 | 2.750 (8.00) | 0.750 (0.67) | 1.500 |" in beyond_table(tmp_path)
