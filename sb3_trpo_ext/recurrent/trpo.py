@@ -430,6 +430,15 @@ class RecurrentTRPO(TRPO):
             jt_m_jv = th.autograd.grad(new.tensors, params, grad_outputs=m_jv, retain_graph=True, allow_unused=True)
             return th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(jt_m_jv, params)])
 
+        def fvp_with(
+            jacobian_vector_fn: Callable[[th.Tensor], Sequence[th.Tensor | None]],
+        ) -> Callable[[th.Tensor], th.Tensor]:
+            def fvp(vector: th.Tensor) -> th.Tensor:
+                jv = [th.zeros_like(t) if d is None else d for t, d in zip(new.tensors, jacobian_vector_fn(vector))]
+                return jacobian_transpose_vector(fisher_weight(jv)) / n_samples + damping * vector
+
+            return fvp
+
         def directions_of(vector: th.Tensor) -> list[th.Tensor]:
             return [vector[offsets[i] : offsets[i + 1]].view_as(p) for i, p in enumerate(params)]
 
@@ -456,19 +465,10 @@ class RecurrentTRPO(TRPO):
             built = recurrence() if self._lstm_tangent else None
             if built is not None:
                 tangent_jv = built[1]
-
-                def fvp_by_recurrence(vector: th.Tensor) -> th.Tensor:
-                    jv = [th.zeros_like(t) if d is None else d for t, d in zip(new.tensors, tangent_jv(directions_of(vector)))]
-                    return jacobian_transpose_vector(fisher_weight(jv)) / n_samples + damping * vector
-
-                return fvp_by_recurrence
+                return fvp_with(lambda vector: tangent_jv(directions_of(vector)))
         if self._forward_mode_jvp is False:
             return super()._fisher_vector_product_fn(params, new, old, observations)
-
-        def fvp(vector: th.Tensor) -> th.Tensor:
-            jv = [th.zeros_like(t) if d is None else d for t, d in zip(new.tensors, jacobian_vector(vector))]
-            return jacobian_transpose_vector(fisher_weight(jv)) / n_samples + damping * vector
-
+        fvp = fvp_with(jacobian_vector)
         if self._forward_mode_jvp is None:  # first use: check that forward mode runs through this policy
             try:
                 jacobian_vector(th.zeros(int(offsets[-1]), device=new.tensors[0].device))
