@@ -407,7 +407,7 @@ class RecurrentTRPO(TRPO):
         tangent recurrence, whose coefficients come from one forward pass per update. Otherwise it is a forward-mode
         derivative: the LSTM replays the sequences with tangents on the actor parameters at every product
         (PyTorch's native LSTM kernels, which have forward-mode derivatives; oneDNN's, used elsewhere on the CPU,
-        have none), about 4 times slower than the recurrence here. Both replace TRPO's "double backward" form, which
+        have none), several times slower than the recurrence. Both replace TRPO's "double backward" form, which
         differentiates through oneDNN's LSTM backward at every CG iteration; that form is used where neither
         applies (another device's LSTM kernels, a custom policy).
 
