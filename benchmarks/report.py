@@ -352,6 +352,8 @@ def matched_table(results: dict[tuple[str, str], list[dict[str, Any]]], envs: tu
     if not any(results.get((MATCHED, env_id)) for env_id in envs):
         return ""
     lines = []
+    below: list[str] = []  # environments where the packaged settings' mean is below sb3_contrib's
+    p_values: list[float] = []
     for env_id in envs:
         factor = action_dimension_factor(env_id)
         arm = "sb3_trpo_ext" if factor == 1 else MATCHED
@@ -375,6 +377,10 @@ def matched_table(results: dict[tuple[str, str], list[dict[str, Any]]], envs: tu
             cells[2] = "same runs"
         p_value = mann_whitney_p(finals_of[arm], finals_of["sb3_contrib"])
         cells.insert(2, "" if p_value is None else f"{p_value:.2f}")
+        if p_value is not None:
+            p_values.append(p_value)
+        if finals_of[arm] and finals_of["sb3_contrib"] and np.mean(finals_of[arm]) < np.mean(finals_of["sb3_contrib"]):
+            below.append(env_id if p_value is None else f"{env_id} (p {p_value:.2f})")
         lines.append(f"| {env_id} | {factor} | {' '.join(map(str, seeds))} | {trust} | " + " | ".join(cells) + " |")
     return (
         "\n\n`--algo trpo_ext`'s settings (the packaged `trpo_ext.yml`): the zoo's numbers with `target_kl` and "
@@ -386,7 +392,10 @@ def matched_table(results: dict[tuple[str, str], list[dict[str, Any]]], envs: tu
         "a large p is not evidence that they are equal, only that these seeds cannot tell them apart):\n\n"
         "| environment | d (1: Discrete) | seeds | target_kl / cg_damping | sb3_trpo_ext, packaged settings | sb3_contrib | "
         "p | sb3_trpo_ext, zoo's numbers |\n"
-        "|---|---:|---|---|---:|---:|---:|---:|\n" + "\n".join(lines)
+        "|---|---:|---|---|---:|---:|---:|---:|\n"
+        + "\n".join(lines)
+        + f"\n\nBelow sb3_contrib's mean with the packaged settings: {', '.join(below) or 'none'}; the smallest p: "
+        + (f"{min(p_values):.2f}." if p_values else "none.")
     )
 
 

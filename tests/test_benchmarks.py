@@ -178,6 +178,11 @@ def test_packaged_settings_table_takes_the_translated_arm_where_d_exceeds_one() 
     )
     assert "| CartPole-v1 | 1 | 0 | the zoo's (d = 1) | 500.0 ± 0.0 (1) | 400.0 ± 0.0 (1) |  | same runs |" in table
     assert "| Hopper-v5 | 3 | | | missing | | | |" in table
+    assert "Below sb3_contrib's mean with the packaged settings: none; the smallest p: 0.33." in table
+    results[(MATCHED, "LunarLanderContinuous-v3")] = [run(0, 0.0, **region), run(1, 0.5, **region)]
+    assert "mean with the packaged settings: LunarLanderContinuous-v3 (p 0.33); the smallest p: 0.33." in matched_table(
+        results, ("CartPole-v1", "LunarLanderContinuous-v3")
+    )
     assert matched_table({("sb3_trpo_ext", "CartPole-v1"): [run(0, 500.0)]}, ("CartPole-v1",)) == ""
 
 
