@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from benchmarks.beyond_speed import BASELINE as BEYOND_BASELINE
 from benchmarks.common import FIGURES_DIR, IMPLS, MATCHED, REPO_ROOT, RESULTS_DIR, read_json
 from benchmarks.returns import ENVS, SEEDS, budget
 from benchmarks.speed import SECTIONS, floor_summary, learn_summary
@@ -765,7 +766,7 @@ def beyond_table(run_dir: Path | None) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for task, variants in data["summary"].items():
-        baseline = variants.get("TRPO")
+        baseline = variants.get(BEYOND_BASELINE)
         for variant, entry in variants.items():
             ratio = "{:.2f} / {:.2f} / {:.2f}".format(*entry["ratio"])
             parts = [
@@ -773,7 +774,7 @@ def beyond_table(run_dir: Path | None) -> str:
                 for part in ("train", "rest")
             ]
             allowed = ""
-            if baseline is not None and variant != "TRPO" and "rest_ms" in entry:
+            if baseline is not None and variant != BEYOND_BASELINE and "rest_ms" in entry:
                 allowed = f"{BEYOND_TARGET * baseline['ms'] - entry['rest_ms']:.3f}"
             lines.append(f"| {task} | {variant} | {entry['ms']:.3f} | {ratio} | {parts[0]} | {parts[1]} | {allowed} |")
     return "\n".join(lines) + "\n"

@@ -384,7 +384,8 @@ def test_lstm_tangent_recurrence_equals_forward_mode_through_nn_lstm(backend: st
     tensor walk other devices use). A missing direction (``None``) counts as zero."""
     from torch.autograd import forward_ad
 
-    from sb3_trpo_ext.recurrent.lstm_tangent import LSTM_WEIGHTS, LSTMLayerTangent
+    from sb3_trpo_ext.recurrent.lean_step import LSTM_WEIGHTS
+    from sb3_trpo_ext.recurrent.lstm_tangent import LSTMLayerTangent
 
     th.manual_seed(0)
     lstm = th.nn.LSTM(3, 5)

@@ -40,16 +40,25 @@ RecurrentStep = Callable[[PyTorchObs, RNNStates, th.Tensor], tuple[np.ndarray, t
 LSTMState = tuple[th.Tensor, ...]  # (hidden, cell), each (1, batch, hidden size)
 
 
+#: The weights of layer ``k`` of an ``nn.LSTM`` are ``f"{name}_l{k}"`` for these names, in ``torch.lstm_cell``'s order
+LSTM_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def is_plain_lstm(lstm: nn.Module) -> bool:
+    """Whether ``lstm`` is an ``nn.LSTM`` itself, unidirectional, with biases, without projection, time first."""
+    return (
+        type(lstm) is nn.LSTM and not lstm.bidirectional and lstm.proj_size == 0 and bool(lstm.bias) and not lstm.batch_first
+    )
+
+
 def _single_step_lstm(lstm: nn.Module) -> Callable[[th.Tensor, LSTMState], LSTMState] | None:
     """
     One step of a one-layer unidirectional ``nn.LSTM`` on ``(batch, features)`` inputs and ``(1, batch, hidden)``
     states, as ``torch.lstm_cell`` (what PyTorch's native LSTM kernel runs at each step); ``None`` for other LSTMs.
     """
-    if type(lstm) is not nn.LSTM or lstm.num_layers != 1 or lstm.bidirectional or lstm.proj_size != 0:
+    if not is_plain_lstm(lstm) or lstm.num_layers != 1:
         return None
-    if not lstm.bias or lstm.batch_first:
-        return None
-    w_ih, w_hh, b_ih, b_hh = (getattr(lstm, name) for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"))
+    w_ih, w_hh, b_ih, b_hh = (getattr(lstm, f"{name}_l0") for name in LSTM_WEIGHTS)
 
     def step(features: th.Tensor, state: LSTMState) -> LSTMState:
         hidden, cell = th.lstm_cell(features, (state[0][0], state[1][0]), w_ih, w_hh, b_ih, b_hh)

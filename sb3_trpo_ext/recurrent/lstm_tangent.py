@@ -34,23 +34,16 @@ from torch.autograd import forward_ad
 
 from sb3_trpo_ext.common.critic import single_threaded_blas
 from sb3_trpo_ext.common.policy_utils import parameters_replaced
+from sb3_trpo_ext.recurrent.lean_step import LSTM_WEIGHTS, is_plain_lstm
 
-LSTM_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 Array = Any  # a tensor or a NumPy array (see _walk)
 #: ``(primal, directions -> tangents)``, see :func:`make_lstm_jacobian_vector`
 JacobianVector = tuple[tuple[th.Tensor, ...], Callable[[Sequence[th.Tensor]], tuple[th.Tensor | None, ...]]]
 
 
 def supports_tangent_recurrence(lstm: nn.Module) -> bool:
-    """Whether ``lstm`` is a plain ``nn.LSTM`` (unidirectional, with biases, no projection, no dropout, time first)."""
-    return (
-        type(lstm) is nn.LSTM
-        and not lstm.bidirectional
-        and lstm.proj_size == 0
-        and lstm.bias
-        and not lstm.batch_first
-        and lstm.dropout == 0.0
-    )
+    """Whether ``lstm`` is a plain ``nn.LSTM`` (see :func:`is_plain_lstm`) without dropout between its layers."""
+    return is_plain_lstm(lstm) and bool(lstm.dropout == 0.0)
 
 
 class LSTMLayerTangent:

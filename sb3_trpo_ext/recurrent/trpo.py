@@ -460,9 +460,10 @@ class RecurrentTRPO(TRPO):
 
         if self._lstm_tangent is not False and not bool(batch.episode_starts.any()):
             if self._lstm_tangent is None:  # first use: checked once per model
-                n_params = int(offsets[-1])
-                self._lstm_tangent = self._recurrence_applies(recurrence, new, n_params, directions_of, jacobian_vector)
-            built = recurrence() if self._lstm_tangent else None
+                built = self._checked_recurrence(recurrence, new, int(offsets[-1]), directions_of, jacobian_vector)
+                self._lstm_tangent = built is not None
+            else:
+                built = recurrence()
             if built is not None:
                 tangent_jv = built[1]
                 return fvp_with(lambda vector: tangent_jv(directions_of(vector)))
@@ -479,18 +480,19 @@ class RecurrentTRPO(TRPO):
         return fvp
 
     @staticmethod
-    def _recurrence_applies(
+    def _checked_recurrence(
         recurrence: Callable[[], JacobianVector | None],
         new: DistParams,
         n_params: int,
         directions_of: Callable[[th.Tensor], list[th.Tensor]],
         forward_mode: Callable[[th.Tensor], tuple[th.Tensor, ...]],
-    ) -> bool:
+    ) -> JacobianVector | None:
         """
-        Whether the LSTM's tangent recurrence applies to this policy: its structure is one the recurrence knows, it
-        runs (the heads in forward mode), its own forward pass gives the policy's distribution (within float32
-        rounding: oneDNN's LSTM rounds differently), and ``J v`` along a fixed random direction equals forward mode
-        through the whole policy to 1e-4 (where forward mode runs; cuDNN's LSTM has none).
+        The LSTM's tangent recurrence, built, where it applies to this policy, else ``None``. It applies where its
+        structure is one the recurrence knows, it runs (the heads in forward mode), its own forward pass gives the
+        policy's distribution (within float32 rounding: oneDNN's LSTM rounds differently), and ``J v`` along a fixed
+        random direction equals forward mode through the whole policy to 1e-4 (where forward mode runs; cuDNN's LSTM
+        has none).
 
         :param recurrence: Builds the recurrence (``None`` where its structure does not apply)
         :param new: Distribution parameters of the real steps used by the policy step
@@ -503,26 +505,26 @@ class RecurrentTRPO(TRPO):
         try:
             built = recurrence()
             if built is None:
-                return False
+                return None
             primal, jacobian_vector = built
             if len(primal) != len(new.tensors) or not all(
                 mine.shape == theirs.shape and bool(th.allclose(mine, theirs.detach(), rtol=1e-3, atol=1e-4))
                 for mine, theirs in zip(primal, new.tensors)
             ):
-                return False
+                return None
             tangents = jacobian_vector(directions_of(vector))
         except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError):
-            return False
+            return None
         try:
             expected = forward_mode(vector)
         except (RuntimeError, NotImplementedError):
-            return True  # no forward mode to compare with: the structural and forward-pass checks stand
+            return built  # no forward mode to compare with: the structural and forward-pass checks stand
         for mine, theirs, like in zip(tangents, expected, new.tensors):
             mine = th.zeros_like(like) if mine is None else mine
             theirs = th.zeros_like(like) if theirs is None else theirs
             if not bool(th.linalg.vector_norm(mine - theirs) <= 1e-4 * th.linalg.vector_norm(theirs) + 1e-12):
-                return False
-        return True
+                return None
+        return built
 
     def _critic_regression(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
         """
