@@ -1,13 +1,24 @@
-"""Bad input fails at construction with a message naming the parameter or space, its value and the valid range."""
+"""
+Bad input fails with a message naming the parameter or space, its value and the valid range: at construction, or,
+for a hyperparameter set after it, before anything is collected or updated.
+"""
 
 import re
+from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch as th
 from gymnasium import spaces
+from sb3_contrib import MaskablePPO, RecurrentPPO
+from sb3_contrib.common.envs import InvalidActionEnvDiscrete
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
 
-from sb3_trpo_ext import TRPO
+from sb3_trpo_ext import TRPO, MaskableTRPO, RecurrentTRPO
 
 BAD_HYPERPARAMETERS = [
     ("target_kl", 0.0, "> 0"),
@@ -108,3 +119,112 @@ def test_unsupported_observation_space_names_the_space() -> None:
     with pytest.raises(ValueError, match="Unsupported observation space") as error:
         TRPO("MlpPolicy", SpaceEnv(observation_space, spaces.Discrete(2)))
     assert str(observation_space) in str(error.value)
+
+
+def weights(model: BaseAlgorithm) -> dict[str, th.Tensor]:
+    return {name: tensor.clone() for name, tensor in model.policy.state_dict().items()}
+
+
+def unchanged(before: dict[str, th.Tensor], model: BaseAlgorithm) -> bool:
+    after = model.policy.state_dict()
+    return all(th.equal(tensor, after[name]) for name, tensor in before.items())
+
+
+LATE_BAD_HYPERPARAMETERS = [
+    ("batch_size", 0, ">= 1"),
+    ("target_kl", -0.1, "> 0"),
+    ("target_kl", 0.0, "> 0"),
+    ("cg_max_steps", 0, ">= 1"),
+    ("line_search_shrinking_factor", 1.5, "(0, 1)"),
+    ("n_critic_updates", -1, ">= 0"),
+]
+
+
+@pytest.mark.parametrize("name,value,valid_range", LATE_BAD_HYPERPARAMETERS)
+@pytest.mark.parametrize("how", ["assignment", "custom_objects"])
+def test_invalid_hyperparameter_set_after_construction_fails_before_anything_is_collected(
+    name: str, value: float, valid_range: str, how: str, tmp_path: Path
+) -> None:
+    model = TRPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=16, seed=0)
+    if how == "assignment":
+        setattr(model, name, value)
+    else:
+        model.save(tmp_path / "model")
+        model = TRPO.load(tmp_path / "model", env=model.get_env(), custom_objects={name: value})
+    before = weights(model)
+    with pytest.raises(ValueError) as error:
+        model.learn(64)
+    message = str(error.value)
+    assert f"{name}={value!r}" in message and valid_range in message
+    assert model.num_timesteps == 0
+    assert unchanged(before, model)
+
+
+class SetBatchSizeToZero(BaseCallback):
+    """Sets an invalid ``batch_size`` at the end of the first rollout, just before the update."""
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.model.batch_size = 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("algo", [TRPO, RecurrentTRPO])
+def test_invalid_hyperparameter_set_by_a_callback_fails_before_the_update_moves_a_weight(algo: type[TRPO]) -> None:
+    # The critic's minibatches would fail only after the policy step: the update must not be half applied
+    policy = "MlpLstmPolicy" if algo is RecurrentTRPO else "MlpPolicy"
+    model = algo(policy, "CartPole-v1", n_steps=32, batch_size=16, seed=0)
+    before = weights(model)
+    with pytest.raises(ValueError, match=re.escape("batch_size=0")):
+        model.learn(64, callback=SetBatchSizeToZero())
+    assert unchanged(before, model)
+
+
+def ppo_files() -> list[tuple[type[BaseAlgorithm], type[TRPO], str, Any]]:
+    return [
+        (MaskablePPO, MaskableTRPO, "MlpPolicy", lambda: InvalidActionEnvDiscrete(dim=20, n_invalid_actions=10)),
+        (RecurrentPPO, RecurrentTRPO, "MlpLstmPolicy", lambda: make_vec_env("CartPole-v1", n_envs=2, seed=0)),
+    ]
+
+
+@pytest.mark.parametrize("ppo,trpo,policy,make_env", ppo_files())
+def test_ppo_file_trains_once_given_a_target_kl(
+    ppo: type[BaseAlgorithm], trpo: type[TRPO], policy: str, make_env: Any, tmp_path: Path
+) -> None:
+    # MaskablePPO and RecurrentPPO save target_kl=None (no early stopping), which is no trust region
+    env = make_env()
+    ppo(policy, env, n_steps=32, batch_size=16, seed=0).save(tmp_path / "ppo")
+    model = trpo.load(tmp_path / "ppo", env=env)
+    model.predict(env.observation_space.sample())  # the policy itself loads and acts
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"target_kl=None: it must be a finite number > 0\..*custom_objects"):
+        model.learn(64)
+    assert unchanged(before, model)
+    model = trpo.load(tmp_path / "ppo", env=env, custom_objects={"target_kl": 0.01})
+    model.learn(64)
+    assert not unchanged(before, model)
+
+
+class NaNObservation(gym.Wrapper):
+    """CartPole whose observations turn NaN after ``after`` steps."""
+
+    def __init__(self, env: gym.Env, after: int) -> None:
+        super().__init__(env)
+        self.after, self.steps = after, 0
+
+    def step(self, action: Any) -> tuple:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        return obs * np.nan if self.steps >= self.after else obs, reward, terminated, truncated, info
+
+
+def test_nan_observation_under_discrete_actions_names_the_environment_index() -> None:
+    # Box actions go on with NaN actions and the update is skipped; a categorical draw from NaN probabilities cannot
+    env = make_vec_env("CartPole-v1", n_envs=3, seed=0, wrapper_class=NaNObservation, wrapper_kwargs={"after": 10**9})
+    env.envs[1].after = 5  # type: ignore[attr-defined]
+    model = TRPO("MlpPolicy", env, n_steps=32, batch_size=16, seed=0)
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"NaN for environment index 1: its observation holds NaN"):
+        model.learn(64)
+    assert unchanged(before, model)

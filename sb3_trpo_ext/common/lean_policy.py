@@ -170,7 +170,11 @@ def categorical_draw(log_pmf: th.Tensor, on_cpu: bool) -> tuple[np.ndarray, th.T
     draws = th.empty_like(probs).exponential_(1.0).numpy()
     probs_np = probs.numpy()
     if not (probs_np >= 0).all():  # NaN (softmax gives no inf and nothing negative otherwise)
-        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        rows = np.flatnonzero(~(probs_np >= 0).all(axis=1)).tolist()
+        raise ValueError(
+            f"The policy's action probabilities are NaN for environment index {rows[0] if len(rows) == 1 else rows}: "
+            "its observation holds NaN or inf (VecCheckNan finds where), or the policy's weights do"
+        )
     drawn_np = np.argmax(probs_np / draws, axis=1)  # draws > 0
     return drawn_np[:, None], th.from_numpy(log_pmf.numpy()[np.arange(len(drawn_np)), drawn_np])
 

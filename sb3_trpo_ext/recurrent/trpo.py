@@ -653,6 +653,7 @@ class RecurrentTRPO(TRPO):
 
     def train(self) -> None:
         """Update the recurrent policy (one trust-region step) and the critic on the rollout buffer's sequences."""
+        self._check_hyperparameters()
         self._refresh_parameter_caches()
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)

@@ -321,6 +321,34 @@ class TRPO(OnPolicyAlgorithm):
         _check_range("target_kl", target_kl, finite(target_kl) and target_kl > 0.0, "a finite number > 0")
         _check_range("sub_sampling_factor", sub_sampling_factor, integer(sub_sampling_factor, 1), "an integer >= 1")
 
+    def _check_hyperparameters(self) -> None:
+        """
+        The constructor's checks on the model's current hyperparameters, which may have been set after it: by
+        ``load`` (the saved file, ``custom_objects``; a ``MaskablePPO`` or ``RecurrentPPO`` file holds PPO's
+        ``target_kl=None``), or by assignment, from a callback too. Called before anything is collected or updated.
+        """
+        try:
+            self._validate_hyperparameters(
+                learning_rate=self.learning_rate,
+                n_steps=self.n_steps,
+                batch_size=self.batch_size,
+                gamma=self.gamma,
+                gae_lambda=self.gae_lambda,
+                cg_max_steps=self.cg_max_steps,
+                cg_damping=self.cg_damping,
+                cg_residual_tol=self.cg_residual_tol,
+                line_search_shrinking_factor=self.line_search_shrinking_factor,
+                line_search_max_iter=self.line_search_max_iter,
+                n_critic_updates=self.n_critic_updates,
+                target_kl=self.target_kl,
+                sub_sampling_factor=self.sub_sampling_factor,
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"{error}. It was set after the model was built (by load, from the saved file or custom_objects, or by "
+                "assignment): set a valid one on the model, or pass it to load in custom_objects"
+            ) from None
+
     @staticmethod
     def _check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
         """Raise a ``ValueError`` naming an observation or action space TRPO cannot handle."""
@@ -656,6 +684,7 @@ class TRPO(OnPolicyAlgorithm):
 
     def train(self) -> None:
         """Update the policy (one trust-region step) and the critic on the rollout buffer."""
+        self._check_hyperparameters()
         self._refresh_parameter_caches()
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
@@ -752,6 +781,7 @@ class TRPO(OnPolicyAlgorithm):
         """
         if not isinstance(total_timesteps, (int, float, np.integer, np.floating)) or not math.isfinite(total_timesteps):
             raise ValueError(f"total_timesteps must be a finite number, got {total_timesteps!r}")
+        self._check_hyperparameters()
         return super().learn(
             total_timesteps=int(total_timesteps),
             callback=callback,
