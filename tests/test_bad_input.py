@@ -3,6 +3,7 @@ Bad input fails with a message naming the parameter or space, its value and the 
 for a hyperparameter set after it, before anything is collected or updated.
 """
 
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -228,3 +229,9 @@ def test_nan_observation_under_discrete_actions_names_the_environment_index() ->
     with pytest.raises(ValueError, match=r"NaN for environment index 1: its observation holds NaN"):
         model.learn(64)
     assert unchanged(before, model)
+
+
+def test_the_late_check_covers_every_hyperparameter_the_constructor_checks() -> None:
+    from sb3_trpo_ext.trpo.trpo import _VALIDATED
+
+    assert set(_VALIDATED) == set(inspect.signature(TRPO._validate_hyperparameters).parameters)

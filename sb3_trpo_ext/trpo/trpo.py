@@ -88,6 +88,24 @@ class PolicyStepStats:
     skipped: str | None = None
 
 
+#: The hyperparameters that ``TRPO._validate_hyperparameters`` checks (its keyword arguments).
+_VALIDATED = (
+    "learning_rate",
+    "n_steps",
+    "batch_size",
+    "gamma",
+    "gae_lambda",
+    "cg_max_steps",
+    "cg_damping",
+    "cg_residual_tol",
+    "line_search_shrinking_factor",
+    "line_search_max_iter",
+    "n_critic_updates",
+    "target_kl",
+    "sub_sampling_factor",
+)
+
+
 def _check_range(name: str, value: float, valid: bool, valid_range: str) -> None:
     if not valid:
         raise ValueError(f"Invalid hyperparameter {name}={value!r}: it must be {valid_range}")
@@ -328,21 +346,7 @@ class TRPO(OnPolicyAlgorithm):
         ``target_kl=None``), or by assignment, from a callback too. Called before anything is collected or updated.
         """
         try:
-            self._validate_hyperparameters(
-                learning_rate=self.learning_rate,
-                n_steps=self.n_steps,
-                batch_size=self.batch_size,
-                gamma=self.gamma,
-                gae_lambda=self.gae_lambda,
-                cg_max_steps=self.cg_max_steps,
-                cg_damping=self.cg_damping,
-                cg_residual_tol=self.cg_residual_tol,
-                line_search_shrinking_factor=self.line_search_shrinking_factor,
-                line_search_max_iter=self.line_search_max_iter,
-                n_critic_updates=self.n_critic_updates,
-                target_kl=self.target_kl,
-                sub_sampling_factor=self.sub_sampling_factor,
-            )
+            self._validate_hyperparameters(**{name: getattr(self, name) for name in _VALIDATED})
         except ValueError as error:
             raise ValueError(
                 f"{error}. It was set after the model was built (by load, from the saved file or custom_objects, or by "
