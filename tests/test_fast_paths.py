@@ -69,6 +69,7 @@ def collect(
         ("CartPole-v1", False),
         ("HalfCheetah-v5", False),  # six action dimensions: the sum over them in SB3's order
         ("HalfCheetah-v5", True),
+        ("Humanoid-v5", False),  # 17 action dimensions, 348 observation dimensions
     ],
 )
 def test_lean_rollout_fills_the_buffer_identically_to_sb3(
