@@ -252,20 +252,6 @@ def test_fast_critic_is_not_used_for_other_architectures() -> None:
     model.learn(128)  # and the generic path trains
 
 
-@pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
-def test_cuda_follows_the_same_fast_paths(env_id: str) -> None:
-    from sb3_trpo_ext.common.mlp_fisher import MlpFisher
-
-    model = TRPO("MlpPolicy", env_id, n_steps=256, batch_size=64, device="cuda", seed=0)
-    assert model._lean_policy_step() is not None
-    model.learn(512)
-    assert isinstance(model._fast_critic, FastMlpCritic)
-    assert isinstance(model._mlp_fisher, MlpFisher) == (env_id == "Pendulum-v1")
-    assert all(p.is_cuda for p in model.policy.parameters())
-    assert model.logger.name_to_value["train/line_search_success"] in (0.0, 1.0)
-
-
 def test_lean_paths_respect_image_normalisation_with_mlp_policy() -> None:
     from stable_baselines3.common.envs import FakeImageEnv
 
@@ -362,3 +348,66 @@ def test_layers_frozen_between_learn_calls_stay_frozen_and_the_rest_trains() -> 
     assert all(th.equal(a, b) for a, b in zip(before, frozen))
     assert not th.equal(critic_before, model.policy.value_net.weight.detach())
     assert not any(p is q for p in frozen for q in model._actor_params or [])
+
+
+class DeterministicHeadAtRolloutStart(BaseCallback):
+    """At each rollout start, a new action head that all but always chooses action 0 (as a user might swap it)."""
+
+    def _on_rollout_start(self) -> None:
+        policy = self.model.policy
+        head = th.nn.Linear(policy.action_net.in_features, 2)
+        with th.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(th.tensor([30.0, -30.0]))
+        policy.action_net = head
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def _maskable_cartpole() -> gym.Env:
+    from sb3_contrib.common.wrappers import ActionMasker
+
+    return ActionMasker(gym.make("CartPole-v1"), lambda _: np.ones(2, dtype=bool))
+
+
+@pytest.mark.parametrize("algorithm", ["TRPO", "MaskableTRPO", "RecurrentTRPO"])
+def test_rollout_acts_with_the_policy_as_callbacks_leave_it_at_rollout_start(algorithm: str) -> None:
+    from sb3_trpo_ext import MaskableTRPO, RecurrentTRPO
+
+    if algorithm == "TRPO":
+        model: TRPO = TRPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), n_steps=64, seed=0)
+    elif algorithm == "MaskableTRPO":
+        model = MaskableTRPO("MlpPolicy", make_vec_env(_maskable_cartpole, n_envs=2, seed=0), n_steps=64, seed=0)
+    else:
+        model = RecurrentTRPO("MlpLstmPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), n_steps=64, seed=0)
+    model.learn(128, callback=DeterministicHeadAtRolloutStart())
+    assert (model.rollout_buffer.actions == 0).all()
+
+
+class CollapseStdAtRolloutStart(BaseCallback):
+    """Exploration annealed from a callback: log_std set at rollout start; each step's stored log-probabilities
+    compared with the policy's own for the step's actions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gaps: list[float] = []
+
+    def _on_rollout_start(self) -> None:
+        with th.no_grad():
+            self.model.policy.log_std.fill_(-5.0)
+
+    def _on_step(self) -> bool:
+        with th.no_grad():
+            actions = th.as_tensor(self.locals["actions"])
+            _, log_prob, _ = self.model.policy.evaluate_actions(self.locals["obs_tensor"], actions)
+        self.gaps.append(float((log_prob - self.locals["log_probs"]).abs().max()))
+        return True
+
+
+def test_rollout_samples_with_the_log_std_a_callback_sets_at_rollout_start() -> None:
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), n_steps=64, seed=0)
+    callback = CollapseStdAtRolloutStart()
+    model.learn(128, callback=callback)
+    assert len(callback.gaps) == 128 // 2
+    assert max(callback.gaps) <= 1e-4

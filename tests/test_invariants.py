@@ -80,6 +80,49 @@ def test_rejected_line_search_restores_parameters_bit_identically() -> None:
     assert bit_identical(params, snapshot)
 
 
+def test_line_search_rejects_candidates_whose_distributions_overflow() -> None:
+    # a huge target_kl allows a huge step: here the candidates' standard deviations underflow to 0 and their means
+    # overflow, which torch.distributions' argument checks would reject with a ValueError in the middle of the search
+    model = collected_model("box")
+    observations, actions, old_log_prob, advantages = buffer_batch(model)
+    params, _ = model._split_parameters(observations)
+    snapshot = parameters_snapshot(params)
+    new = distribution_params(model.policy.get_distribution(observations)).detach()
+    from sb3_trpo_ext.trpo.trpo import PolicyStepStats
+
+    stats = PolicyStepStats(surrogate_before=0.0)
+    model.target_kl = 1e30
+    overflowing_step = -1e30 * th.ones(sum(p.numel() for p in params))
+    model._line_search(params, overflowing_step, observations, actions, old_log_prob, advantages, new, 0.0, stats)
+    assert not stats.accepted
+    assert bit_identical(params, snapshot)
+    assert th.distributions.Distribution._validate_args  # the checks are on again
+
+
+def test_line_search_restores_the_parameters_when_evaluating_a_candidate_raises() -> None:
+    model = collected_model("box")
+    observations, actions, old_log_prob, advantages = buffer_batch(model)
+    params, _ = model._split_parameters(observations)
+    snapshot = parameters_snapshot(params)
+    new = distribution_params(model.policy.get_distribution(observations)).detach()
+    from sb3_trpo_ext.trpo.trpo import PolicyStepStats
+
+    def interrupted(*args: th.Tensor) -> tuple[th.Tensor, object]:
+        raise KeyboardInterrupt
+
+    model._surrogate = interrupted  # type: ignore[method-assign]
+    step = 1e-3 * th.ones(sum(p.numel() for p in params))
+    with pytest.raises(KeyboardInterrupt):
+        model._line_search(params, step, observations, actions, old_log_prob, advantages, new, 0.0, PolicyStepStats())
+    assert bit_identical(params, snapshot)
+
+
+def test_huge_target_kl_trains_without_error_and_keeps_finite_weights() -> None:
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), n_steps=64, batch_size=64, target_kl=1e30)
+    model.learn(256)
+    assert all(bool(th.isfinite(p).all()) for p in model.policy.parameters())
+
+
 def test_failed_line_search_is_logged_as_a_failure_not_as_zero_kl() -> None:
     model = collected_model("box", line_search_max_iter=1)
     # A surrogate that cannot improve: zero advantages after normalisation are impossible, so flip their sign

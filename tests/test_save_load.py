@@ -45,6 +45,25 @@ def test_get_set_parameters_copies_weights() -> None:
     target.learn(64)  # the split of actor and critic parameters still refers to live tensors
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_trained_model_trains_and_leaves_the_original_alone(how: str) -> None:
+    import copy
+    import pickle
+
+    from sb3_trpo_ext.common.mlp_fisher import MlpFisher
+
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), n_steps=64, batch_size=64, seed=0)
+    model.learn(128)
+    assert isinstance(model._mlp_fisher, MlpFisher)  # caches built for the original's parameter objects
+    original = {name: tensor.clone() for name, tensor in model.policy.state_dict().items()}
+    duplicate = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    duplicate.learn(384, reset_num_timesteps=False)
+    assert duplicate.logger.name_to_value["train/line_search_success"] == 1.0
+    assert all(th.equal(tensor, model.policy.state_dict()[name]) for name, tensor in original.items())
+    assert not all(th.equal(tensor, duplicate.policy.state_dict()[name]) for name, tensor in original.items())
+    model.learn(128, reset_num_timesteps=False)  # and the original still trains with its own caches
+
+
 def test_same_seed_gives_same_parameters_after_several_updates() -> None:
     def run() -> dict[str, th.Tensor]:
         env = make_vec_env("Pendulum-v1", n_envs=2, seed=3)

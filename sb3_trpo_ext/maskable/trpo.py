@@ -310,7 +310,6 @@ class MaskableTRPO(TRPO):
         if use_masking and not is_masking_supported(env):
             raise ValueError("Environment does not support action masking. Consider using ActionMasker wrapper")
         self.policy.set_training_mode(False)
-        policy_step = self._lean_masked_step()
         n_steps = 0
         action_masks: np.ndarray | None = None
         rollout_buffer.reset()
@@ -319,6 +318,7 @@ class MaskableTRPO(TRPO):
         env_step = make_lean_env_step(env) or env.step  # env.step's results with cheaper copies
         current_masks = self._action_masks_fn(env)
         callback.on_rollout_start()
+        policy_step = self._lean_masked_step()  # from the weights as the callbacks leave them at rollout start
 
         while n_steps < n_rollout_steps:
             with th.no_grad():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -83,14 +83,18 @@ def reset_at_sequence_starts(states: tuple[th.Tensor, ...], first_step_starts: t
 
 
 @contextmanager
-def _native_cpu_kernels() -> Iterator[None]:
-    """PyTorch's native CPU kernels instead of oneDNN's (only this flag: ``mkldnn.flags()`` resets others)."""
-    previous = th.backends.mkldnn.enabled
-    th.backends.mkldnn.enabled = False  # type: ignore[assignment]
+def _disabled(backend: Any) -> Iterator[None]:
+    """
+    PyTorch's native kernels instead of ``backend``'s (``th.backends.mkldnn``: oneDNN's on the CPU, which have no
+    forward-mode derivatives; ``th.backends.cudnn``: cuDNN's LSTM, which has no double backward). Only this flag:
+    ``backend.flags()`` resets the others.
+    """
+    previous = backend.enabled
+    backend.enabled = False
     try:
         yield
     finally:
-        th.backends.mkldnn.enabled = previous  # type: ignore[assignment]
+        backend.enabled = previous
 
 
 class RecurrentTRPO(TRPO):
@@ -282,9 +286,10 @@ class RecurrentTRPO(TRPO):
         if self.use_sde:
             self.policy.reset_noise(env.num_envs)
         env_step = make_lean_env_step(env) or env.step  # env.step's results with cheaper copies
-        # One LSTM step at a time with torch.lstm_cell where the policy allows (the policy's forward pass otherwise)
-        lean_step = make_lean_recurrent_step(self.policy, self.action_space, self.use_sde)
         callback.on_rollout_start()
+        # One LSTM step at a time with torch.lstm_cell where the policy allows (the policy's forward pass otherwise),
+        # from the weights as the callbacks leave them at rollout start
+        lean_step = make_lean_recurrent_step(self.policy, self.action_space, self.use_sde)
         lstm_states = deepcopy(self._last_lstm_states)
 
         while n_steps < n_rollout_steps:
@@ -448,7 +453,7 @@ class RecurrentTRPO(TRPO):
             return tuple(t[batch.policy_rows] for t in distribution_params(distribution).tensors)
 
         def jacobian_vector(vector: th.Tensor) -> tuple[th.Tensor, ...]:  # forward mode through the whole policy
-            with th.no_grad(), _native_cpu_kernels(), forward_ad.dual_level():
+            with th.no_grad(), _disabled(th.backends.mkldnn), forward_ad.dual_level():
                 duals = [forward_ad.make_dual(p.detach(), d) for p, d in zip(params, directions_of(vector))]
                 outputs = distribution_tensors(*duals)
                 return tuple(forward_ad.unpack_dual(out).tangent for out in outputs)
@@ -684,7 +689,10 @@ class RecurrentTRPO(TRPO):
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         self._sequences = batch
         try:
-            stats = self._policy_step(observations, actions, data.old_log_prob[rows], advantages)
+            # on a GPU, the policy step's graph is built without cuDNN's LSTM: the Fisher product may have to
+            # differentiate through its backward (see _fisher_vector_product_fn), which cuDNN cannot
+            with _disabled(th.backends.cudnn) if self.device.type == "cuda" else nullcontext():
+                stats = self._policy_step(observations, actions, data.old_log_prob[rows], advantages)
             if stats.skipped is not None:
                 warnings.warn(f"RecurrentTRPO: policy step skipped: {stats.skipped}; the policy is unchanged", RuntimeWarning)
             value_losses = self._critic_regression(observations, returns)

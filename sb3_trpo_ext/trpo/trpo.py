@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -109,6 +109,17 @@ _VALIDATED = (
 def _check_range(name: str, value: float, valid: bool, valid_range: str) -> None:
     if not valid:
         raise ValueError(f"Invalid hyperparameter {name}={value!r}: it must be {valid_range}")
+
+
+@contextmanager
+def _distribution_checks_off() -> Iterator[None]:
+    """``torch.distributions`` objects built in the block skip their argument checks (restored afterwards)."""
+    previous = th.distributions.Distribution._validate_args
+    th.distributions.Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        th.distributions.Distribution.set_default_validate_args(previous)
 
 
 class TRPO(OnPolicyAlgorithm):
@@ -376,17 +387,22 @@ class TRPO(OnPolicyAlgorithm):
         """The rollout forward pass of :func:`make_lean_policy_step` for the current weights, or ``None``."""
         return make_lean_policy_step(self.policy, self.action_space, self.use_sde)
 
+    def _generic_policy_step(self, obs_tensor: PyTorchObs) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
+        """The rollout step of SB3's ``collect_rollouts`` (for a policy a callback replaced at rollout start)."""
+        actions, values, log_probs = self.policy(obs_tensor)
+        return actions.cpu().numpy(), values, log_probs
+
     def collect_rollouts(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
     ) -> bool:
         """
         Collect ``n_rollout_steps`` steps per environment into ``rollout_buffer``: SB3's ``collect_rollouts``
         (callbacks and their ``locals``, time-limit bootstrapping, episode statistics, VecNormalize, Dict observations)
-        with the policy's forward pass replaced by :meth:`_lean_policy_step` where that applies. The policy's weights
-        are fixed during a rollout.
+        with the policy's forward pass replaced by :meth:`_lean_policy_step` where that applies. The lean step is built
+        after the callbacks' ``on_rollout_start``, from the policy as it is then: the rollout acts with those weights
+        (a change a callback makes during the rollout is used from the next rollout on).
         """
-        policy_step = self._lean_policy_step()
-        if policy_step is None:
+        if self._lean_policy_step() is None:
             return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
         assert self._last_obs is not None, "No previous observation was provided"
         self.policy.set_training_mode(False)
@@ -400,6 +416,7 @@ class TRPO(OnPolicyAlgorithm):
         if self.use_sde:
             reset_noise()  # a new exploration matrix for the rollout
         callback.on_rollout_start()
+        policy_step = self._lean_policy_step() or self._generic_policy_step
         is_box = isinstance(self.action_space, spaces.Box)
         is_discrete = isinstance(self.action_space, spaces.Discrete)
         low, high = (self.action_space.low, self.action_space.high) if is_box else (None, None)  # type: ignore[attr-defined]
@@ -455,6 +472,14 @@ class TRPO(OnPolicyAlgorithm):
         self._mlp_fisher: MlpFisher | bool | None = None
         # What the caches were built from: (policy, optimizer, *parameters) and each parameter's requires_grad
         self._cached_for: tuple[list[Any], list[bool]] | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """
+        A copy (``copy.deepcopy``, pickle) starts without the caches of the original: they are keyed by the identity
+        of parameter objects, which a copy replaces.
+        """
+        self.__dict__.update(state)
+        self._reset_parameter_caches()
 
     def _refresh_parameter_caches(self) -> None:
         """
@@ -565,23 +590,31 @@ class TRPO(OnPolicyAlgorithm):
         """
         Backtracking line search: try ``theta_old + alpha^i * full_step`` for ``i = 0, 1, ...`` and keep the first
         candidate whose mean KL(old || new) <= ``target_kl`` and whose surrogate improves on the old one.
-        If no candidate is accepted the old parameters are written back (bit-identical).
+        If no candidate is accepted the old parameters are written back (bit-identical), also when evaluating a
+        candidate raises. A candidate whose distribution parameters overflow (a huge ``target_kl`` allows huge steps)
+        is evaluated without ``torch.distributions``' argument checks: its NaN or infinite KL or surrogate rejects it.
         """
         theta_old = flat_parameters(params)
         coefficient = 1.0
-        with th.no_grad():
-            for i in range(self.line_search_max_iter):
-                assign_flat_parameters(params, theta_old + coefficient * full_step)
-                surrogate, new = self._surrogate(observations, actions, old_log_prob, advantages)
-                kl = kl_old_new(old, new).mean().item()
-                surrogate_value = surrogate.item()
-                # Acceptance rule: inside the trust region on the true KL, and a better surrogate (NaN fails both)
-                if kl <= self.target_kl and surrogate_value > surrogate_before:
-                    stats.accepted, stats.backtracks = True, i
-                    stats.kl, stats.surrogate_after = kl, surrogate_value
-                    return
-                coefficient *= self.line_search_shrinking_factor
-            assign_flat_parameters(params, theta_old)
+        accepted = False
+        try:
+            with th.no_grad(), _distribution_checks_off():
+                for i in range(self.line_search_max_iter):
+                    assign_flat_parameters(params, theta_old + coefficient * full_step)
+                    surrogate, new = self._surrogate(observations, actions, old_log_prob, advantages)
+                    kl = kl_old_new(old, new).mean().item()
+                    surrogate_value = surrogate.item()
+                    # Acceptance rule: inside the trust region on the true KL, and a better surrogate (NaN fails both)
+                    if kl <= self.target_kl and surrogate_before < surrogate_value < math.inf:
+                        accepted = True
+                        stats.accepted, stats.backtracks = True, i
+                        stats.kl, stats.surrogate_after = kl, surrogate_value
+                        return
+                    coefficient *= self.line_search_shrinking_factor
+        finally:
+            if not accepted:
+                with th.no_grad():
+                    assign_flat_parameters(params, theta_old)
         stats.backtracks = self.line_search_max_iter
         stats.surrogate_after = surrogate_before
 
