@@ -3,6 +3,7 @@ trust-region step (surrogate, KL, Fisher-vector product, line search) over real 
 memory, where feed-forward TRPO fails."""
 
 import os
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -604,3 +605,65 @@ def test_callbacks_see_recurrent_ppos_rollout_locals() -> None:
         keys[algo] = recorder.keys
     assert "episode_starts" in keys[RecurrentPPO]
     assert keys[RecurrentPPO] <= keys[RecurrentTRPO], keys[RecurrentPPO] - keys[RecurrentTRPO]
+
+
+class OneNaNObservation(gym.Env):
+    """Episodes of 10 steps; the 5th observation of the environment's life holds a NaN, once."""
+
+    observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+
+    def __init__(self) -> None:
+        self.t = self.total = 0
+
+    def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.t += 1
+        self.total += 1
+        obs = np.full(3, self.t / 10, np.float32)
+        if self.total == 5:
+            obs[0] = np.nan
+        return obs, 1.0, False, self.t >= 10, {}
+
+
+def test_a_nan_observation_does_not_outlive_its_episode_in_the_lstm_state() -> None:
+    # the reset at an episode start used to be (1 - episode_start) * state, and 0 * NaN is NaN: every later rollout
+    # held NaN and every later update was skipped
+    model = RecurrentTRPO("MlpLstmPolicy", make_vec_env(OneNaNObservation, n_envs=2), n_steps=16, batch_size=16, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.learn(32 * 6)  # 6 rollouts; the NaNs are in the first one
+    assert sum("non-finite" in str(w.message) for w in caught) == 1
+    assert all(bool(th.isfinite(t).all()) for t in (*model._last_lstm_states.pi, *model._last_lstm_states.vf))
+    assert all(bool(th.isfinite(p).all()) for p in model.policy.parameters())
+
+
+def test_models_trained_in_threads_of_one_process() -> None:
+    # as RL Zoo's -optimize --n-jobs 2: PyTorch allows one forward-mode AD level per process, and the line search
+    # switches torch.distributions' process-wide argument checks off and on
+    import threading
+
+    results: dict[int, object] = {}
+
+    def train(seed: int) -> None:
+        try:
+            env = make_vec_env("CartPole-v1", n_envs=2, seed=seed)
+            model = RecurrentTRPO(
+                "MlpLstmPolicy", env, n_steps=64, batch_size=64, seed=seed, policy_kwargs={"lstm_hidden_size": 16}
+            )
+            model.learn(128 * 3)
+            results[seed] = model._lstm_tangent
+        except Exception as error:  # reported by the assertion below
+            results[seed] = error
+
+    threads = [threading.Thread(target=train, args=(seed,)) for seed in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {1: True, 2: True, 3: True}  # no error, and each kept the fast J v of the tangent recurrence
+    assert th.distributions.Distribution._validate_args

@@ -187,7 +187,7 @@ def categorical_draw(log_pmf: th.Tensor, on_cpu: bool) -> tuple[np.ndarray, th.T
     draws = th.empty_like(probs).exponential_(1.0).numpy()
     probs_np = probs.numpy()
     if not (probs_np >= 0).all():
-        _check_probabilities((probs_np >= 0).all(axis=1))
+        _check_probabilities(np.asarray((probs_np >= 0).all(axis=1)))
     drawn_np = np.argmax(probs_np / draws, axis=1)  # draws > 0
     return drawn_np[:, None], th.from_numpy(log_pmf.numpy()[np.arange(len(drawn_np)), drawn_np])
 

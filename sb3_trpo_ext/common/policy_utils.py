@@ -9,8 +9,10 @@ Glue between SB3 policies and the numerics of :mod:`sb3_trpo_ext.common.numerics
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch as th
 from stable_baselines3.common.distributions import (
@@ -25,6 +27,26 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
 
 from sb3_trpo_ext.common.numerics import BERNOULLI, CATEGORICAL, GAUSSIAN, DistParams
+
+#: Held while this package switches PyTorch's process-wide state (the forward-mode AD level, backend flags, the
+#: default argument checks of ``torch.distributions``), so that models trained in threads of one process (RL Zoo's
+#: ``-optimize --n-jobs``) do not interleave the switches: PyTorch allows one forward-mode level per process.
+PROCESS_STATE_LOCK = threading.RLock()
+
+
+@contextmanager
+def process_wide(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """
+    ``owner.name = value`` for the block, under :data:`PROCESS_STATE_LOCK`, then the previous value again. Only this
+    attribute: ``th.backends.mkldnn.flags()`` and ``th.backends.cudnn.flags()`` would reset the others too.
+    """
+    with PROCESS_STATE_LOCK:
+        previous = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            yield
+        finally:
+            setattr(owner, name, previous)
 
 
 def distribution_params(distribution: Distribution) -> DistParams:

@@ -104,8 +104,10 @@ def make_lean_recurrent_step(
     actor_mlp, critic_mlp = compile_plain_mlp(actor_layers), compile_plain_mlp(critic_layers)
     shared_lstm = policy.shared_lstm
 
-    def reset(state: LSTMState, keep: th.Tensor) -> LSTMState:
-        return keep * state[0], keep * state[1]
+    def reset(state: LSTMState, starts: th.Tensor) -> LSTMState:
+        # zeros where an episode starts: sb3-contrib's (1 - episode_start) * state, except that a NaN state (from a
+        # NaN observation) does not outlive its episode (0 * NaN is NaN)
+        return state[0].masked_fill(starts, 0.0), state[1].masked_fill(starts, 0.0)
 
     def features_of(obs: PyTorchObs) -> th.Tensor:
         if flat_box:  # preprocess_obs (float) and FlattenExtractor (flatten): no-ops on flat float32 observations
@@ -119,10 +121,10 @@ def make_lean_recurrent_step(
         features = features_of(obs)
         state_pi, state_vf = states.pi, states.vf
         if episode_starts.numpy().any():  # _process_sequence resets the states of new episodes (only if there is one)
-            keep = (1.0 - episode_starts).view(1, -1, 1)
-            state_pi = reset(state_pi, keep)
+            starts = episode_starts.view(1, -1, 1) != 0
+            state_pi = reset(state_pi, starts)
             if critic_lstm is not None:
-                state_vf = reset(state_vf, keep)
+                state_vf = reset(state_vf, starts)
         new_pi = actor_lstm(features, state_pi)
         if critic_lstm is not None:
             new_vf = critic_lstm(features, state_vf)

@@ -33,7 +33,7 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from sb3_trpo_ext.common.critic import single_threaded_blas
-from sb3_trpo_ext.common.policy_utils import parameters_replaced
+from sb3_trpo_ext.common.policy_utils import PROCESS_STATE_LOCK, parameters_replaced
 from sb3_trpo_ext.recurrent.lean_step import LSTM_WEIGHTS, is_plain_lstm
 
 Array = Any  # a tensor or a NumPy array (see _walk)
@@ -216,7 +216,7 @@ def make_lstm_jacobian_vector(
         primal = tuple(t.detach() for t in heads(lstm_output))
 
     def jacobian_vector(directions: Sequence[th.Tensor]) -> tuple[th.Tensor | None, ...]:
-        with th.no_grad(), forward_ad.dual_level():
+        with PROCESS_STATE_LOCK, th.no_grad(), forward_ad.dual_level():
             duals = {id(p): forward_ad.make_dual(p.detach(), directions[index_of[id(p)]]) for p in others}
             d_inputs = None
             if extractor_moves:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -31,6 +31,7 @@ from sb3_trpo_ext.common.policy_utils import (
     distribution_params,
     index_observations,
     parameters_replaced,
+    process_wide,
     split_actor_critic_parameters,
 )
 from sb3_trpo_ext.recurrent.lean_step import make_lean_recurrent_step
@@ -72,29 +73,15 @@ class SequenceBatch:
 
 def reset_at_sequence_starts(states: tuple[th.Tensor, ...], first_step_starts: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
     """
-    Apply the LSTM reset ``h <- (1 - episode_start) h`` of each sequence's first step to its initial state.
+    Apply the LSTM reset ``h <- (1 - episode_start) h`` of each sequence's first step to its initial state (as zeros,
+    so that a NaN state does not outlive its episode).
 
     :param states: ``(h, c)`` of shape ``(n_layers, n_seq, hidden)``
     :param first_step_starts: Episode-start flag of the first step of every sequence, shape ``(n_seq,)``
     :return: The reset ``(h, c)``
     """
-    keep = (1.0 - first_step_starts).view(1, -1, 1)
-    return (states[0] * keep, states[1] * keep)
-
-
-@contextmanager
-def _disabled(backend: Any) -> Iterator[None]:
-    """
-    PyTorch's native kernels instead of ``backend``'s (``th.backends.mkldnn``: oneDNN's on the CPU, which have no
-    forward-mode derivatives; ``th.backends.cudnn``: cuDNN's LSTM, which has no double backward). Only this flag:
-    ``backend.flags()`` resets the others.
-    """
-    previous = backend.enabled
-    backend.enabled = False
-    try:
-        yield
-    finally:
-        backend.enabled = previous
+    starts = first_step_starts.view(1, -1, 1) != 0
+    return (states[0].masked_fill(starts, 0.0), states[1].masked_fill(starts, 0.0))
 
 
 class RecurrentTRPO(TRPO):
@@ -453,7 +440,8 @@ class RecurrentTRPO(TRPO):
             return tuple(t[batch.policy_rows] for t in distribution_params(distribution).tensors)
 
         def jacobian_vector(vector: th.Tensor) -> tuple[th.Tensor, ...]:  # forward mode through the whole policy
-            with th.no_grad(), _disabled(th.backends.mkldnn), forward_ad.dual_level():
+            # PyTorch's native LSTM kernels: oneDNN's have no forward-mode derivatives
+            with th.no_grad(), process_wide(th.backends.mkldnn, "enabled", False), forward_ad.dual_level():
                 duals = [forward_ad.make_dual(p.detach(), d) for p, d in zip(params, directions_of(vector))]
                 outputs = distribution_tensors(*duals)
                 return tuple(forward_ad.unpack_dual(out).tangent for out in outputs)
@@ -691,7 +679,8 @@ class RecurrentTRPO(TRPO):
         try:
             # on a GPU, the policy step's graph is built without cuDNN's LSTM: the Fisher product may have to
             # differentiate through its backward (see _fisher_vector_product_fn), which cuDNN cannot
-            with _disabled(th.backends.cudnn) if self.device.type == "cuda" else nullcontext():
+            cuda = self.device.type == "cuda"
+            with process_wide(th.backends.cudnn, "enabled", False) if cuda else nullcontext():
                 stats = self._policy_step(observations, actions, data.old_log_prob[rows], advantages)
             if stats.skipped is not None:
                 warnings.warn(f"RecurrentTRPO: policy step skipped: {stats.skipped}; the policy is unchanged", RuntimeWarning)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -47,6 +47,7 @@ from sb3_trpo_ext.common.policy_utils import (
     all_finite,
     distribution_params,
     index_observations,
+    process_wide,
     split_actor_critic_parameters,
 )
 from sb3_trpo_ext.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
@@ -109,17 +110,6 @@ _VALIDATED = (
 def _check_range(name: str, value: float, valid: bool, valid_range: str) -> None:
     if not valid:
         raise ValueError(f"Invalid hyperparameter {name}={value!r}: it must be {valid_range}")
-
-
-@contextmanager
-def _distribution_checks_off() -> Iterator[None]:
-    """``torch.distributions`` objects built in the block skip their argument checks (restored afterwards)."""
-    previous = th.distributions.Distribution._validate_args
-    th.distributions.Distribution.set_default_validate_args(False)
-    try:
-        yield
-    finally:
-        th.distributions.Distribution.set_default_validate_args(previous)
 
 
 class TRPO(OnPolicyAlgorithm):
@@ -598,7 +588,7 @@ class TRPO(OnPolicyAlgorithm):
         coefficient = 1.0
         accepted = False
         try:
-            with th.no_grad(), _distribution_checks_off():
+            with th.no_grad(), process_wide(th.distributions.Distribution, "_validate_args", False):
                 for i in range(self.line_search_max_iter):
                     assign_flat_parameters(params, theta_old + coefficient * full_step)
                     surrogate, new = self._surrogate(observations, actions, old_log_prob, advantages)
