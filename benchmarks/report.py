@@ -816,9 +816,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-seeds", type=int, default=len(SEEDS), help="seeds per cell of the full campaign")
     args = parser.parse_args(argv)
 
+    # a mistyped folder would otherwise replace the README's tables with "missing"
+    if not (args.results / "returns").is_dir():
+        parser.error(f"--results {args.results}: no returns/ folder there (results folder of the benchmarks)")
     results = load_returns(args.results / "returns")
     speed_dir = args.results / "speed"
     run_dir = speed_dir / args.speed_run if args.speed_run else latest_speed_run(speed_dir)
+    if args.speed_run and not (speed_dir / args.speed_run).is_dir():
+        runs = sorted(p.name for p in speed_dir.iterdir() if p.is_dir()) if speed_dir.is_dir() else []
+        parser.error(f"--speed-run {args.speed_run}: no such run in {speed_dir} (runs: {', '.join(runs) or 'none'})")
     speed = load_speed(run_dir)
     figures_link = os.path.relpath(args.figures.resolve(), args.readme.resolve().parent)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch as th
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> float:
     :return: Mean evaluation return
     """
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--env", default="CartPole-v1", help="Gymnasium environment id")
+    parser.add_argument(
+        "--env",
+        default="CartPole-v1",
+        help="Gymnasium environment id (CartPole-v1 trains with the RL Zoo's tuned settings, any other with TRPO's defaults)",
+    )
     parser.add_argument("--timesteps", type=float, default=1e5, help="training budget in environment steps")
     parser.add_argument("--n-envs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -48,6 +53,14 @@ def main(argv: list[str] | None = None) -> float:
     args = parser.parse_args(argv)
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
+    if not 1 <= args.timesteps < float("inf"):
+        parser.error(f"--timesteps must be a finite number >= 1, got {args.timesteps}")
+    if args.n_envs < 1:
+        parser.error(f"--n-envs must be >= 1, got {args.n_envs}")
+    if args.eval_episodes < 1:
+        parser.error(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
+    if args.save and not os.access(os.path.dirname(os.path.abspath(args.save)), os.W_OK):
+        parser.error(f"--save {args.save}: its folder does not exist or is not writable (checked before training)")
     if args.threads > 0:
         th.set_num_threads(args.threads)
 

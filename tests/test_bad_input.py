@@ -85,6 +85,19 @@ def test_single_sample_buffer_with_advantage_normalisation_is_rejected() -> None
     TRPO("MlpPolicy", "CartPole-v1", n_steps=1, batch_size=1, normalize_advantage=False)  # fine without it
 
 
+def test_single_sample_buffer_reached_after_construction_is_rejected_before_training(tmp_path: Path) -> None:
+    # by a new environment at load (2 envs saved, 1 given), or by assignment
+    TRPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2), n_steps=1, batch_size=2).save(tmp_path / "two_envs")
+    loaded = TRPO.load(tmp_path / "two_envs", env=make_vec_env("CartPole-v1", n_envs=1))
+    assigned = TRPO("MlpPolicy", "CartPole-v1", n_steps=1, batch_size=1, normalize_advantage=False)
+    assigned.normalize_advantage = True
+    for model in (loaded, assigned):
+        before = weights(model)
+        with pytest.raises(ValueError, match=re.escape("n_steps * n_envs must be > 1") + ".*set after"):
+            model.learn(4)
+        assert unchanged(before, model) and model.num_timesteps == 0
+
+
 def test_truncated_minibatch_warning_is_kept() -> None:
     with pytest.warns(UserWarning, match="truncated mini-batch"):
         TRPO("MlpPolicy", "CartPole-v1", n_steps=100, batch_size=64)

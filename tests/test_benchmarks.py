@@ -386,3 +386,19 @@ def test_beyond_speed_splits_each_ratio_into_updates_and_the_rest(tmp_path: Path
     (tmp_path / "beyond.json").write_text(json.dumps({**data, "summary": summary(rows)}))
     # a 1.5x total would leave 1.5 * 1.5 (TRPO's median total) - 0.75 (X's rest) = 1.5 for X's train()
     assert "| t | X | 3.500 | 2.00 / 2.50 / 3.00 | 2.750 (8.00) | 0.750 (0.67) | 1.500 |" in beyond_table(tmp_path)
+
+
+def test_report_refuses_a_mistyped_results_folder_or_speed_run_and_leaves_the_readme(tmp_path: Path) -> None:
+    from benchmarks.report import main
+
+    readme = tmp_path / "README.md"
+    readme.write_text("untouched")
+    figures = str(tmp_path / "figures")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--results", str(tmp_path / "typo"), "--figures", figures, "--readme", str(readme)])
+    assert exit_info.value.code == 2
+    (tmp_path / "results" / "returns").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--results", str(tmp_path / "results"), "--speed-run", "nope", "--figures", figures, "--readme", str(readme)])
+    assert exit_info.value.code == 2
+    assert readme.read_text() == "untouched"

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +27,20 @@ def test_cli_rejects_a_negative_thread_count() -> None:
     result = run_cli("--threads", "-1")
     assert result.returncode == 2
     assert "--threads must be >= 0, got -1" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--timesteps", "0"], "--timesteps must be a finite number >= 1, got 0.0"),
+        (["--timesteps", "inf"], "--timesteps must be a finite number >= 1, got inf"),
+        (["--n-envs", "0"], "--n-envs must be >= 1, got 0"),
+        (["--eval-episodes", "0"], "--eval-episodes must be >= 1, got 0"),
+        (["--save", "/nonexistent-folder/model.zip"], "--save /nonexistent-folder/model.zip: its folder does not exist"),
+    ],
+)
+def test_cli_rejects_bad_options_before_training(args: list[str], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "training TRPO" not in result.stdout

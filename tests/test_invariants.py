@@ -123,6 +123,39 @@ def test_huge_target_kl_trains_without_error_and_keeps_finite_weights() -> None:
     assert all(bool(th.isfinite(p).all()) for p in model.policy.parameters())
 
 
+def test_a_dump_shows_only_what_the_last_update_recorded() -> None:
+    # the logger keeps values until it dumps (every log_interval rollouts): the KL of an accepted step must not be
+    # shown beside a later rejected one
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import KVWriter, Logger
+
+    class Dumps(KVWriter):
+        def __init__(self) -> None:
+            self.dumps: list[dict] = []
+
+        def write(self, key_values: dict, key_excluded: dict, step: int = 0) -> None:
+            self.dumps.append(dict(key_values))
+
+    class RejectFromThirdUpdate(BaseCallback):
+        def _on_rollout_start(self) -> None:
+            if self.model._n_updates == 2:
+                self.model.target_kl = 1e-30  # every candidate step is outside the trust region
+
+        def _on_step(self) -> bool:
+            return True
+
+    model = TRPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), n_steps=64, seed=0)
+    writer = Dumps()
+    model.set_logger(Logger(folder=None, output_formats=[writer]))
+    model.learn(128 * 4, log_interval=2, callback=RejectFromThirdUpdate())
+    # dumps come before the updates of rollouts 2 and 4: after update 1 (accepted), then after update 3 (rejected),
+    # which followed the accepted update 2 in the same window
+    accepted, rejected = (dump for dump in writer.dumps if "train/n_updates" in dump)
+    assert accepted["train/line_search_success"] == 1.0 and "train/kl" in accepted
+    assert rejected["train/n_updates"] == 3 and rejected["train/line_search_success"] == 0.0
+    assert "train/kl" not in rejected and "train/kl_divergence_loss" not in rejected
+
+
 def test_failed_line_search_is_logged_as_a_failure_not_as_zero_kl() -> None:
     model = collected_model("box", line_search_max_iter=1)
     # A surrogate that cannot improve: zero advantages after normalisation are impossible, so flip their sign

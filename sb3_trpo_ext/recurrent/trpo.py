@@ -647,6 +647,7 @@ class RecurrentTRPO(TRPO):
     def train(self) -> None:
         """Update the recurrent policy (one trust-region step) and the critic on the rollout buffer's sequences."""
         self._check_hyperparameters()
+        self._forget_update_records()
         self._refresh_parameter_caches()
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
@@ -668,7 +669,7 @@ class RecurrentTRPO(TRPO):
                 "are left unchanged",
                 RuntimeWarning,
             )
-            self.logger.record("train/skipped_update", 1.0)
+            self._record_update("train/skipped_update", 1.0)
             return
 
         rows = batch.policy_rows

@@ -261,11 +261,7 @@ class TRPO(OnPolicyAlgorithm):
         if self.env is not None:
             self._check_spaces(self.observation_space, self.action_space)
             buffer_size = self.env.num_envs * self.n_steps
-            if normalize_advantage and buffer_size <= 1:
-                raise ValueError(
-                    f"Invalid hyperparameter n_steps={n_steps} with n_envs={self.env.num_envs}: n_steps * n_envs must be "
-                    "> 1 when normalize_advantage=True (the advantages of a single sample cannot be normalized)"
-                )
+            self._check_normalizable(normalize_advantage, n_steps, self.env.num_envs)
             if buffer_size % batch_size > 0:
                 untruncated_batches = buffer_size // batch_size
                 warnings.warn(
@@ -287,6 +283,7 @@ class TRPO(OnPolicyAlgorithm):
         self.target_kl = target_kl
         self.n_critic_updates = n_critic_updates
         self.sub_sampling_factor = sub_sampling_factor
+        self._update_keys: set[str] = set()  # what the last update recorded in the logger
 
         if _init_setup_model:
             self._setup_model()
@@ -348,11 +345,23 @@ class TRPO(OnPolicyAlgorithm):
         """
         try:
             self._validate_hyperparameters(**{name: getattr(self, name) for name in _VALIDATED})
+            if self.env is not None:
+                self._check_normalizable(self.normalize_advantage, self.n_steps, self.env.num_envs)
         except ValueError as error:
             raise ValueError(
-                f"{error}. It was set after the model was built (by load, from the saved file or custom_objects, or by "
-                "assignment): set a valid one on the model, or pass it to load in custom_objects"
+                f"{error}. It was set after the model was built (by load, from the saved file or custom_objects, by "
+                "assignment, or with a new environment): set a valid one on the model, or pass it to load in "
+                "custom_objects"
             ) from None
+
+    @staticmethod
+    def _check_normalizable(normalize_advantage: bool, n_steps: int, n_envs: int) -> None:
+        """Raise a ``ValueError`` if advantages are to be normalized over a rollout of one sample."""
+        if normalize_advantage and n_steps * n_envs <= 1:
+            raise ValueError(
+                f"Invalid hyperparameter n_steps={n_steps} with n_envs={n_envs}: n_steps * n_envs must be "
+                "> 1 when normalize_advantage=True (the advantages of a single sample cannot be normalized)"
+            )
 
     @staticmethod
     def _check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
@@ -712,6 +721,7 @@ class TRPO(OnPolicyAlgorithm):
     def train(self) -> None:
         """Update the policy (one trust-region step) and the critic on the rollout buffer."""
         self._check_hyperparameters()
+        self._forget_update_records()
         self._refresh_parameter_caches()
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
@@ -733,7 +743,7 @@ class TRPO(OnPolicyAlgorithm):
                 "values or log-probabilities); this update is skipped and the parameters are left unchanged",
                 RuntimeWarning,
             )
-            self.logger.record("train/skipped_update", 1.0)
+            self._record_update("train/skipped_update", 1.0)
             return
 
         # Policy step on every sub_sampling_factor-th sample
@@ -755,9 +765,26 @@ class TRPO(OnPolicyAlgorithm):
 
         self._log_train_stats(stats, value_losses)
 
+    def _record_update(self, key: str, value: float) -> None:
+        """Record one statistic of this update; :meth:`_forget_update_records` removes it before the next update."""
+        self.logger.record(key, value)
+        self._update_keys.add(key)
+
+    def _forget_update_records(self) -> None:
+        """
+        Remove what the previous update recorded from the logger, which keeps values until it dumps (every
+        ``log_interval`` rollouts): a key an update does not record (the ``kl`` of a rejected step, ``skipped_update``)
+        is then absent from the dump instead of showing an earlier update's value. Other keys are left alone.
+        """
+        tables = (self.logger.name_to_value, self.logger.name_to_count, self.logger.name_to_excluded)
+        for key in self._update_keys:
+            for table in tables:
+                table.pop(key, None)
+        self._update_keys.clear()
+
     def _log_train_stats(self, stats: PolicyStepStats, value_losses: list[float]) -> None:
         """Record the statistics of one update under ``train/``."""
-        record = self.logger.record
+        record = self._record_update
         record("train/surrogate_before", stats.surrogate_before)
         record("train/surrogate_after", stats.surrogate_after)
         if stats.kl is not None:  # only an accepted step has a KL: a rejected one is not logged as 0
@@ -821,6 +848,7 @@ class TRPO(OnPolicyAlgorithm):
     def _excluded_save_params(self) -> list[str]:
         return [
             *super()._excluded_save_params(),
+            "_update_keys",
             "_actor_params",
             "_critic_params",
             "_fast_critic",
