@@ -59,8 +59,12 @@ def main(argv: list[str] | None = None) -> float:
         parser.error(f"--n-envs must be >= 1, got {args.n_envs}")
     if args.eval_episodes < 1:
         parser.error(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
-    if args.save and not os.access(os.path.dirname(os.path.abspath(args.save)), os.W_OK):
-        parser.error(f"--save {args.save}: its folder does not exist or is not writable (checked before training)")
+    if args.save:  # SB3's save creates missing folders: the nearest existing one must be a writable folder
+        existing = os.path.dirname(os.path.abspath(args.save))
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not (os.path.isdir(existing) and os.access(existing, os.W_OK)):
+            parser.error(f"--save {args.save}: {existing} is not a writable folder (checked before training)")
     if args.threads > 0:
         th.set_num_threads(args.threads)
 

@@ -15,7 +15,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_trains_evaluates_and_saves_on_one_torch_thread(tmp_path: Path) -> None:
-    saved = tmp_path / "model.zip"
+    saved = tmp_path / "new folder" / "model.zip"  # created, as SB3's save does
     result = run_cli("--save", str(saved))
     assert result.returncode == 0, result.stderr
     assert "training TRPO on CartPole-v1 for 1024 steps (torch on 1 thread)" in result.stdout
@@ -36,10 +36,13 @@ def test_cli_rejects_a_negative_thread_count() -> None:
         (["--timesteps", "inf"], "--timesteps must be a finite number >= 1, got inf"),
         (["--n-envs", "0"], "--n-envs must be >= 1, got 0"),
         (["--eval-episodes", "0"], "--eval-episodes must be >= 1, got 0"),
-        (["--save", "/nonexistent-folder/model.zip"], "--save /nonexistent-folder/model.zip: its folder does not exist"),
+        (["--save", "{file}/model.zip"], "--save {file}/model.zip: {file} is not a writable folder"),
     ],
 )
-def test_cli_rejects_bad_options_before_training(args: list[str], message: str) -> None:
+def test_cli_rejects_bad_options_before_training(args: list[str], message: str, tmp_path: Path) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    args, message = [arg.format(file=a_file) for arg in args], message.format(file=a_file)
     result = run_cli(*args)
     assert result.returncode == 2
     assert message in result.stderr

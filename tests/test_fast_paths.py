@@ -387,27 +387,34 @@ def test_rollout_acts_with_the_policy_as_callbacks_leave_it_at_rollout_start(alg
 
 class CollapseStdAtRolloutStart(BaseCallback):
     """Exploration annealed from a callback: log_std set at rollout start; each step's stored log-probabilities
-    compared with the policy's own for the step's actions."""
+    compared with the policy's own for the step's actions, and the actions' distance to the policy's mean."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gaps: list[float] = []
+        self.noise: list[float] = []
 
     def _on_rollout_start(self) -> None:
         with th.no_grad():
-            self.model.policy.log_std.fill_(-5.0)
+            self.model.policy.log_std.fill_(-8.0)
 
     def _on_step(self) -> bool:
         with th.no_grad():
             actions = th.as_tensor(self.locals["actions"])
-            _, log_prob, _ = self.model.policy.evaluate_actions(self.locals["obs_tensor"], actions)
+            distribution = self.model.policy.get_distribution(self.locals["obs_tensor"])
+            log_prob = distribution.log_prob(actions)
+            mean = distribution.distribution.mean
         self.gaps.append(float((log_prob - self.locals["log_probs"]).abs().max()))
+        self.noise.append(float((actions - mean).abs().max()))
         return True
 
 
-def test_rollout_samples_with_the_log_std_a_callback_sets_at_rollout_start() -> None:
-    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), n_steps=64, seed=0)
+@pytest.mark.parametrize("use_sde", [False, True])
+def test_rollout_samples_with_the_log_std_a_callback_sets_at_rollout_start(use_sde: bool) -> None:
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+    model = TRPO("MlpPolicy", env, n_steps=64, seed=0, use_sde=use_sde, sde_sample_freq=4 if use_sde else -1)
     callback = CollapseStdAtRolloutStart()
     model.learn(128, callback=callback)
     assert len(callback.gaps) == 128 // 2
-    assert max(callback.gaps) <= 1e-4
+    assert max(callback.gaps) <= 1e-3  # the stored log-probabilities are those of the new std
+    assert max(callback.noise) <= 0.05  # and the actions were drawn with it (std exp(-8) = 3e-4, the old one 1 or more)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import numpy as np
@@ -21,6 +21,8 @@ import torch as th
 from stable_baselines3.common.torch_layers import MlpExtractor
 from threadpoolctl import ThreadpoolController
 from torch import nn
+
+from sb3_trpo_ext.common.policy_utils import PROCESS_STATE_LOCK
 
 _ACTIVATIONS = (nn.Tanh, nn.ReLU)
 #: Adam's first moments, second moments and step counts, one tensor per parameter each
@@ -41,13 +43,33 @@ def _threadpools() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def single_threaded_blas() -> AbstractContextManager[object]:
+class _BlasLimit:
+    """The process-wide BLAS thread limit, counted: set by the first block to enter, restored by the last to leave."""
+
+    users = 0
+    limiter: Any = None
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
     """
     Limit NumPy's BLAS to one thread while NumPy does the critic's small matrix products. By default OpenBLAS would use
     every core: on these matrices that is slower, and on a loaded machine many times slower (measured: 20x on a
-    2-core machine running two other trainings).
+    2-core machine running two other trainings). The limit is process-wide: with models trained in threads, it is
+    set when the first block enters and restored when the last one leaves.
     """
-    return _threadpools().limit(limits=1, user_api="blas")
+    with PROCESS_STATE_LOCK:
+        if _BlasLimit.users == 0:
+            _BlasLimit.limiter = _threadpools().limit(limits=1, user_api="blas")
+        _BlasLimit.users += 1
+    try:
+        yield
+    finally:
+        with PROCESS_STATE_LOCK:
+            _BlasLimit.users -= 1
+            if _BlasLimit.users == 0:
+                _BlasLimit.limiter.restore_original_limits()
+                _BlasLimit.limiter = None
 
 
 def fused_adam_compatible(optimizer: th.optim.Optimizer) -> bool:

@@ -28,9 +28,10 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 
 from sb3_trpo_ext.common.numerics import BERNOULLI, CATEGORICAL, GAUSSIAN, DistParams
 
-#: Held while this package switches PyTorch's process-wide state (the forward-mode AD level, backend flags, the
-#: default argument checks of ``torch.distributions``), so that models trained in threads of one process (RL Zoo's
-#: ``-optimize --n-jobs``) do not interleave the switches: PyTorch allows one forward-mode level per process.
+#: Held while this package switches process-wide state (PyTorch's forward-mode AD level, backend flags and the default
+#: argument checks of ``torch.distributions``; NumPy's BLAS thread limit, see ``critic.single_threaded_blas``), so that
+#: models trained in threads of one process (RL Zoo's ``-optimize --n-jobs``) do not interleave the switches: PyTorch
+#: allows one forward-mode level per process. Other threads still see the switched state while it is in force.
 PROCESS_STATE_LOCK = threading.RLock()
 
 

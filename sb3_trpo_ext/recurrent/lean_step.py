@@ -67,6 +67,19 @@ def _single_step_lstm(lstm: nn.Module) -> Callable[[th.Tensor, LSTMState], LSTMS
     return step
 
 
+def zero_at_starts(state: tuple[th.Tensor, ...], starts: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    """
+    sb3-contrib's reset of the LSTM states of new episodes, ``(1 - episode_start) * state``, written as zeros: the
+    same values for finite states, and a NaN state (from a NaN observation) does not outlive its episode (0 * NaN is
+    NaN).
+
+    :param state: ``(h, c)`` of shape ``(n_layers, n, hidden)``
+    :param starts: Boolean, ``True`` where an episode starts, broadcastable to ``(n_layers, n, hidden)``
+    :return: The reset ``(h, c)``
+    """
+    return state[0].masked_fill(starts, 0.0), state[1].masked_fill(starts, 0.0)
+
+
 def make_lean_recurrent_step(
     policy: RecurrentActorCriticPolicy, action_space: spaces.Space, use_sde: bool
 ) -> RecurrentStep | None:
@@ -104,11 +117,6 @@ def make_lean_recurrent_step(
     actor_mlp, critic_mlp = compile_plain_mlp(actor_layers), compile_plain_mlp(critic_layers)
     shared_lstm = policy.shared_lstm
 
-    def reset(state: LSTMState, starts: th.Tensor) -> LSTMState:
-        # zeros where an episode starts: sb3-contrib's (1 - episode_start) * state, except that a NaN state (from a
-        # NaN observation) does not outlive its episode (0 * NaN is NaN)
-        return state[0].masked_fill(starts, 0.0), state[1].masked_fill(starts, 0.0)
-
     def features_of(obs: PyTorchObs) -> th.Tensor:
         if flat_box:  # preprocess_obs (float) and FlattenExtractor (flatten): no-ops on flat float32 observations
             assert isinstance(obs, th.Tensor)
@@ -122,9 +130,9 @@ def make_lean_recurrent_step(
         state_pi, state_vf = states.pi, states.vf
         if episode_starts.numpy().any():  # _process_sequence resets the states of new episodes (only if there is one)
             starts = episode_starts.view(1, -1, 1) != 0
-            state_pi = reset(state_pi, starts)
+            state_pi = zero_at_starts(state_pi, starts)
             if critic_lstm is not None:
-                state_vf = reset(state_vf, starts)
+                state_vf = zero_at_starts(state_vf, starts)
         new_pi = actor_lstm(features, state_pi)
         if critic_lstm is not None:
             new_vf = critic_lstm(features, state_vf)

@@ -34,7 +34,7 @@ from sb3_trpo_ext.common.policy_utils import (
     process_wide,
     split_actor_critic_parameters,
 )
-from sb3_trpo_ext.recurrent.lean_step import make_lean_recurrent_step
+from sb3_trpo_ext.recurrent.lean_step import make_lean_recurrent_step, zero_at_starts
 from sb3_trpo_ext.recurrent.lstm_tangent import JacobianVector, make_lstm_jacobian_vector
 from sb3_trpo_ext.recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
 from sb3_trpo_ext.trpo.trpo import TRPO
@@ -73,15 +73,14 @@ class SequenceBatch:
 
 def reset_at_sequence_starts(states: tuple[th.Tensor, ...], first_step_starts: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
     """
-    Apply the LSTM reset ``h <- (1 - episode_start) h`` of each sequence's first step to its initial state (as zeros,
-    so that a NaN state does not outlive its episode).
+    Apply the LSTM reset ``h <- (1 - episode_start) h`` of each sequence's first step to its initial state
+    (:func:`~sb3_trpo_ext.recurrent.lean_step.zero_at_starts`).
 
     :param states: ``(h, c)`` of shape ``(n_layers, n_seq, hidden)``
     :param first_step_starts: Episode-start flag of the first step of every sequence, shape ``(n_seq,)``
     :return: The reset ``(h, c)``
     """
-    starts = first_step_starts.view(1, -1, 1) != 0
-    return (states[0].masked_fill(starts, 0.0), states[1].masked_fill(starts, 0.0))
+    return zero_at_starts((states[0], states[1]), first_step_starts.view(1, -1, 1) != 0)
 
 
 class RecurrentTRPO(TRPO):

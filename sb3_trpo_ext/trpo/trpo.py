@@ -397,9 +397,11 @@ class TRPO(OnPolicyAlgorithm):
         """
         Collect ``n_rollout_steps`` steps per environment into ``rollout_buffer``: SB3's ``collect_rollouts``
         (callbacks and their ``locals``, time-limit bootstrapping, episode statistics, VecNormalize, Dict observations)
-        with the policy's forward pass replaced by :meth:`_lean_policy_step` where that applies. The lean step is built
-        after the callbacks' ``on_rollout_start``, from the policy as it is then: the rollout acts with those weights
-        (a change a callback makes during the rollout is used from the next rollout on).
+        with the policy's forward pass replaced by :meth:`_lean_policy_step` where that applies. The lean step (and
+        gSDE's in-rollout noise reset) is built after the callbacks' ``on_rollout_start``: it holds the policy's
+        modules and parameter objects as they are then, and the standard deviations derived from ``log_std``. In-place
+        changes to layer weights during the rollout are seen at once; a replaced module or parameter, or a new
+        ``log_std``, from the next rollout on (SB3's generic path sees every change at once).
         """
         if self._lean_policy_step() is None:
             return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
@@ -409,18 +411,20 @@ class TRPO(OnPolicyAlgorithm):
         rollout_buffer.reset()
         add_to_buffer = make_buffer_add(rollout_buffer) or rollout_buffer.add
         env_step = make_lean_env_step(env) or env.step
-        reset_noise = (make_lean_noise_reset(self.policy, env.num_envs) if self.use_sde else None) or (
-            lambda: self.policy.reset_noise(env.num_envs)
-        )
+
+        def noise_reset() -> Callable[[], None]:  # from gSDE's std as it is now
+            return make_lean_noise_reset(self.policy, env.num_envs) or (lambda: self.policy.reset_noise(env.num_envs))
+
         if self.use_sde:
-            reset_noise()  # a new exploration matrix for the rollout
+            noise_reset()()  # a new exploration matrix for the rollout (before the callbacks, as in SB3)
         callback.on_rollout_start()
         policy_step = self._lean_policy_step() or self._generic_policy_step
+        reset_noise = noise_reset() if self.use_sde else None
         is_box = isinstance(self.action_space, spaces.Box)
         is_discrete = isinstance(self.action_space, spaces.Discrete)
         low, high = (self.action_space.low, self.action_space.high) if is_box else (None, None)  # type: ignore[attr-defined]
         while n_steps < n_rollout_steps:
-            if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
+            if reset_noise is not None and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
                 reset_noise()  # a new exploration matrix
             with th.no_grad():
                 obs_tensor = rollout_obs_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
@@ -478,6 +482,7 @@ class TRPO(OnPolicyAlgorithm):
         of parameter objects, which a copy replaces.
         """
         self.__dict__.update(state)
+        self.__dict__.setdefault("_update_keys", set())  # a copy pickled by an earlier version
         self._reset_parameter_caches()
 
     def _refresh_parameter_caches(self) -> None:
