@@ -29,8 +29,6 @@ import copy
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -53,21 +51,11 @@ from benchmarks.common import (
     zoo_config,
 )
 from sb3_trpo_ext import TRPO
+from sb3_trpo_ext.common.policy_utils import process_wide
 
 DEFAULT_OUT = RESULTS_DIR / "diagnostics" / "update_map"
 ACTOR_PREFIXES = ("action_net", "log_std", "mlp_extractor.policy_net")
 CRITIC_PREFIXES = ("value_net", "mlp_extractor.value_net")
-
-
-@contextmanager
-def patched(module: Any, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
-    """Replace ``module.name`` while the block runs."""
-    original = getattr(module, name)
-    setattr(module, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
 
 
 def change(after: dict[str, th.Tensor], before: dict[str, th.Tensor], prefixes: tuple[str, ...]) -> th.Tensor:
@@ -147,7 +135,7 @@ class MirroredTRPO(TRPO):
             calls.append(n)
             return th.from_numpy(orders[len(calls) - 1]).to(kwargs.get("device") or "cpu")
 
-        with patched(th, "randperm", randperm):
+        with process_wide(th, "randperm", randperm):  # th.randperm replaced for the block
             super().train()
         if len(calls) != self.n_critic_updates:
             raise RuntimeError(f"expected {self.n_critic_updates} critic permutations, drew {len(calls)}")
@@ -158,7 +146,7 @@ class MirroredTRPO(TRPO):
         self._restore(reference, snapshot)
         reference._current_progress_remaining = self._current_progress_remaining
         reference.num_timesteps = self.num_timesteps
-        with patched(th, "randn_like", lambda tensor, **_: th.zeros_like(tensor)):
+        with process_wide(th, "randn_like", lambda tensor, **_: th.zeros_like(tensor)):
             reference.train()
         theirs = {key: value.clone() for key, value in reference.policy.state_dict().items()}
         logged_theirs = dict(reference.logger.name_to_value)

@@ -62,18 +62,24 @@ def test_accepted_step_satisfies_the_trust_region(kind: str, target_kl: float) -
     assert accepted > 0
 
 
-def test_rejected_line_search_restores_parameters_bit_identically() -> None:
+def line_search_case() -> tuple[TRPO, list[th.nn.Parameter], list[th.Tensor], tuple]:
+    """A collected Box model, its actor parameters and their snapshot, and the arguments of ``_line_search`` after the
+    step: the batch (observations, actions, old log-probabilities, advantages) and the old distribution."""
     model = collected_model("box")
     observations, actions, old_log_prob, advantages = buffer_batch(model)
     params, _ = model._split_parameters(observations)
-    snapshot = parameters_snapshot(params)
-    new = distribution_params(model.policy.get_distribution(observations)).detach()
+    old = distribution_params(model.policy.get_distribution(observations)).detach()
+    return model, params, parameters_snapshot(params), (observations, actions, old_log_prob, advantages, old)
+
+
+def test_rejected_line_search_restores_parameters_bit_identically() -> None:
+    model, params, snapshot, batch = line_search_case()
     from sb3_trpo_ext.trpo.trpo import PolicyStepStats
 
     stats = PolicyStepStats(surrogate_before=0.0)
     huge_step = 1e3 * th.ones(sum(p.numel() for p in params))  # far outside any trust region
     model.line_search_max_iter = 3
-    model._line_search(params, huge_step, observations, actions, old_log_prob, advantages, new, 0.0, stats)
+    model._line_search(params, huge_step, *batch, 0.0, stats)
     assert not stats.accepted
     assert stats.kl is None
     assert stats.backtracks == 3
@@ -83,28 +89,20 @@ def test_rejected_line_search_restores_parameters_bit_identically() -> None:
 def test_line_search_rejects_candidates_whose_distributions_overflow() -> None:
     # a huge target_kl allows a huge step: here the candidates' standard deviations underflow to 0 and their means
     # overflow, which torch.distributions' argument checks would reject with a ValueError in the middle of the search
-    model = collected_model("box")
-    observations, actions, old_log_prob, advantages = buffer_batch(model)
-    params, _ = model._split_parameters(observations)
-    snapshot = parameters_snapshot(params)
-    new = distribution_params(model.policy.get_distribution(observations)).detach()
+    model, params, snapshot, batch = line_search_case()
     from sb3_trpo_ext.trpo.trpo import PolicyStepStats
 
     stats = PolicyStepStats(surrogate_before=0.0)
     model.target_kl = 1e30
     overflowing_step = -1e30 * th.ones(sum(p.numel() for p in params))
-    model._line_search(params, overflowing_step, observations, actions, old_log_prob, advantages, new, 0.0, stats)
+    model._line_search(params, overflowing_step, *batch, 0.0, stats)
     assert not stats.accepted
     assert bit_identical(params, snapshot)
     assert th.distributions.Distribution._validate_args  # the checks are on again
 
 
 def test_line_search_restores_the_parameters_when_evaluating_a_candidate_raises() -> None:
-    model = collected_model("box")
-    observations, actions, old_log_prob, advantages = buffer_batch(model)
-    params, _ = model._split_parameters(observations)
-    snapshot = parameters_snapshot(params)
-    new = distribution_params(model.policy.get_distribution(observations)).detach()
+    model, params, snapshot, batch = line_search_case()
     from sb3_trpo_ext.trpo.trpo import PolicyStepStats
 
     def interrupted(*args: th.Tensor) -> tuple[th.Tensor, object]:
@@ -113,7 +111,7 @@ def test_line_search_restores_the_parameters_when_evaluating_a_candidate_raises(
     model._surrogate = interrupted  # type: ignore[method-assign]
     step = 1e-3 * th.ones(sum(p.numel() for p in params))
     with pytest.raises(KeyboardInterrupt):
-        model._line_search(params, step, observations, actions, old_log_prob, advantages, new, 0.0, PolicyStepStats())
+        model._line_search(params, step, *batch, 0.0, PolicyStepStats())
     assert bit_identical(params, snapshot)
 
 
