@@ -400,8 +400,8 @@ class TRPO(OnPolicyAlgorithm):
         with the policy's forward pass replaced by :meth:`_lean_policy_step` where that applies. The lean step (and
         gSDE's in-rollout noise reset) is built after the callbacks' ``on_rollout_start``: it holds the policy's
         modules and parameter objects as they are then, and the standard deviations derived from ``log_std``. In-place
-        changes to layer weights during the rollout are seen at once; a replaced module or parameter, or a new
-        ``log_std``, from the next rollout on (SB3's generic path sees every change at once).
+        changes to layer weights during the rollout are seen at once; a replaced module or parameter, or a change
+        to ``log_std`` (in place too), from the next rollout on (SB3's generic path sees every change at once).
         """
         if self._lean_policy_step() is None:
             return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
