@@ -150,18 +150,17 @@ def rollout_obs_tensor(obs: np.ndarray | dict[str, np.ndarray], device: th.devic
     return obs_as_tensor(obs, device)
 
 
-def _check_probabilities(valid_rows: np.ndarray) -> None:
+def _raise_for_nan_probabilities(probs: np.ndarray) -> None:
     """
-    :param valid_rows: Per sample (environment), whether its probabilities are all ``>= 0`` (``False`` for NaN:
-        softmax gives no inf and nothing negative otherwise)
+    :param probs: Action probabilities, one row per environment, some of them NaN (softmax gives no inf and nothing
+        negative otherwise)
     :raises ValueError: naming the environment indices whose probabilities are NaN
     """
-    if not valid_rows.all():
-        rows = np.flatnonzero(~valid_rows).tolist()
-        raise ValueError(
-            f"The policy's action probabilities are NaN for environment index {rows[0] if len(rows) == 1 else rows}: "
-            "its observation holds NaN or inf (VecCheckNan finds where), or the policy's weights do"
-        )
+    rows = np.flatnonzero(~(probs >= 0).all(axis=1)).tolist()
+    raise ValueError(
+        f"The policy's action probabilities are NaN for environment index {rows[0] if len(rows) == 1 else rows}: "
+        "its observation holds NaN or inf (VecCheckNan finds where), or the policy's weights do"
+    )
 
 
 def categorical_draw(log_pmf: th.Tensor, on_cpu: bool) -> tuple[np.ndarray, th.Tensor]:
@@ -181,13 +180,14 @@ def categorical_draw(log_pmf: th.Tensor, on_cpu: bool) -> tuple[np.ndarray, th.T
     if not on_cpu:
         # checked before the draw: on a GPU, torch.multinomial's own check is a device-side assertion, which leaves
         # the process's CUDA context unusable
-        _check_probabilities((probs >= 0).all(dim=1).cpu().numpy())
+        if not bool((probs >= 0).all()):
+            _raise_for_nan_probabilities(probs.cpu().numpy())
         drawn = th.multinomial(probs, 1, True)
         return drawn.cpu().numpy(), log_pmf.gather(-1, drawn).squeeze(-1)
     draws = th.empty_like(probs).exponential_(1.0).numpy()
     probs_np = probs.numpy()
     if not (probs_np >= 0).all():
-        _check_probabilities(np.asarray((probs_np >= 0).all(axis=1)))
+        _raise_for_nan_probabilities(probs_np)
     drawn_np = np.argmax(probs_np / draws, axis=1)  # draws > 0
     return drawn_np[:, None], th.from_numpy(log_pmf.numpy()[np.arange(len(drawn_np)), drawn_np])
 

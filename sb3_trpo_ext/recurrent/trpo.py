@@ -80,7 +80,7 @@ def reset_at_sequence_starts(states: tuple[th.Tensor, ...], first_step_starts: t
     :param first_step_starts: Episode-start flag of the first step of every sequence, shape ``(n_seq,)``
     :return: The reset ``(h, c)``
     """
-    return zero_at_starts((states[0], states[1]), first_step_starts.view(1, -1, 1) != 0)
+    return zero_at_starts(states, first_step_starts.view(1, -1, 1) != 0)
 
 
 class RecurrentTRPO(TRPO):
