@@ -243,3 +243,42 @@ def test_the_late_check_covers_every_hyperparameter_the_constructor_checks() -> 
     from sb3_trpo_ext.trpo.trpo import _VALIDATED
 
     assert set(_VALIDATED) == set(inspect.signature(TRPO._validate_hyperparameters).parameters)
+
+
+@pytest.mark.parametrize(
+    "algo,policy,make_env",
+    [
+        (TRPO, "MlpPolicy", lambda: "CartPole-v1"),
+        (MaskableTRPO, "MlpPolicy", lambda: InvalidActionEnvDiscrete(dim=20, n_invalid_actions=10)),
+        (RecurrentTRPO, "MlpLstmPolicy", lambda: "CartPole-v1"),
+    ],
+)
+def test_learning_rate_schedule_invalid_at_start_is_rejected_at_construction(
+    algo: type[TRPO], policy: str, make_env: Any
+) -> None:
+    with pytest.raises(ValueError, match=r"learning_rate=.*it returned inf at progress_remaining=1\.0"):
+        algo(policy, make_env(), learning_rate=lambda _: float("inf"))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "returned"),
+    [(lambda p: 1e-3 if p > 0.6 else float("nan"), "nan"), (lambda p: 1e-3 * (p - 0.5), "-")],
+    ids=["nan-later", "negative-later"],
+)
+def test_learning_rate_schedule_invalid_later_fails_before_the_update_moves_a_weight(schedule: Any, returned: str) -> None:
+    # updates at progress_remaining 0.75, 0.5, 0.25, 0.0: valid at first, then not
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, seed=0, learning_rate=schedule)
+    weights: list[th.Tensor] = []
+
+    class Snapshot(BaseCallback):
+        def _on_rollout_end(self) -> None:  # the last thing before train()
+            weights[:] = [p.detach().clone() for p in self.model.policy.parameters()]
+
+        def _on_step(self) -> bool:
+            return True
+
+    with pytest.raises(ValueError, match=rf"learning_rate=.*it returned {re.escape(returned)}.* at progress_remaining="):
+        model.learn(256, callback=Snapshot())
+    assert model._n_updates >= 1  # the schedule's valid values were applied first
+    assert weights and all(th.equal(a, b) for a, b in zip(weights, model.policy.parameters()))
+    assert all(bool(th.isfinite(p).all()) for p in model.policy.parameters())

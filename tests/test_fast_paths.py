@@ -350,6 +350,33 @@ def test_layers_frozen_between_learn_calls_stay_frozen_and_the_rest_trains() -> 
     assert not any(p is q for p in frozen for q in model._actor_params or [])
 
 
+@pytest.mark.parametrize("algorithm", ["TRPO", "TRPO-gSDE", "RecurrentTRPO"])
+def test_a_frozen_log_std_stays_fixed_and_the_mean_still_takes_trust_region_steps(algorithm: str) -> None:
+    from sb3_trpo_ext import RecurrentTRPO
+
+    if algorithm == "RecurrentTRPO":
+        model: TRPO = RecurrentTRPO("MlpLstmPolicy", "Pendulum-v1", n_steps=128, batch_size=64, seed=0)
+    else:
+        model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=128, batch_size=64, seed=0, use_sde=algorithm == "TRPO-gSDE")
+    model.policy.log_std.requires_grad_(False)  # a fixed exploration noise
+    log_std = model.policy.log_std.detach().clone()
+    action_net = model.policy.action_net.weight.detach().clone()
+    successes = []
+
+    class Record(BaseCallback):
+        def _on_rollout_start(self) -> None:
+            successes.append(self.logger.name_to_value.get("train/line_search_success"))
+
+        def _on_step(self) -> bool:
+            return True
+
+    model.learn(512, callback=Record())
+    successes.append(model.logger.name_to_value.get("train/line_search_success"))
+    assert th.equal(log_std, model.policy.log_std)
+    assert 1.0 in successes
+    assert not th.equal(action_net, model.policy.action_net.weight.detach())
+
+
 class DeterministicHeadAtRolloutStart(BaseCallback):
     """At each rollout start, a new action head that all but always chooses action 0 (as a user might swap it)."""
 

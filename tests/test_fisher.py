@@ -112,3 +112,43 @@ class BoxObsDiscreteActionEnv(gym.Env):
 
     def step(self, action: object) -> tuple:
         return self.observation_space.sample(), float(action == 0), False, False, {}
+
+
+def _freeze_log_std(policy: th.nn.Module) -> None:
+    policy.log_std.requires_grad_(False)
+
+
+def _freeze_mean(policy: th.nn.Module) -> None:
+    for p in [*policy.mlp_extractor.policy_net.parameters(), *policy.action_net.parameters()]:
+        p.requires_grad_(False)
+
+
+@pytest.mark.parametrize("freeze", [_freeze_log_std, _freeze_mean], ids=["log_std", "mean"])
+@pytest.mark.parametrize("use_sde", [False, True], ids=["gaussian", "gsde"])
+def test_fisher_product_with_a_frozen_distribution_tensor_is_the_block_of_the_trainable_parameters(
+    freeze: object, use_sde: bool
+) -> None:
+    # Frozen log_std: one distribution tensor (the std) no trainable parameter moves; autograd cannot differentiate it
+    env = make_identity_env("box")
+    model = TRPO("MlpPolicy", env, n_steps=16, policy_kwargs=TINY, use_sde=use_sde, cg_damping=0.1, seed=1)
+    if use_sde:
+        model.policy.reset_noise()
+    observations = th.as_tensor(sample_observations(env.observation_space, 32), dtype=th.float32)
+    all_params, _ = model._split_parameters(observations)
+    fisher = explicit_fisher(model, all_params, observations)
+
+    freeze(model.policy)  # type: ignore[operator]
+    model._reset_parameter_caches()
+    params, _ = model._split_parameters(observations)
+    assert 0 < len(params) < len(all_params)
+    keep = th.cat([th.full((p.numel(),), any(p is q for q in params)) for p in all_params])
+    new = distribution_params(model.policy.get_distribution(observations))
+    assert not all(t.requires_grad for t in new.tensors)
+    fvp = model._fisher_vector_product_fn(params, new, new.detach())
+    block = fisher[keep][:, keep].double()
+    generator = th.Generator().manual_seed(0)
+    for _ in range(3):
+        v = th.randn(block.shape[0], generator=generator)
+        expected = block @ v.double() + model.cg_damping * v.double()
+        error = th.linalg.norm(fvp(v).double() - expected) / th.linalg.norm(expected)
+        assert error < 1e-5

@@ -69,6 +69,36 @@ def flat_grad(
     return th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
 
 
+def tracked_tensors(tensors: Sequence[th.Tensor]) -> list[int]:
+    """
+    Indices of the tensors attached to the autograd graph. A distribution tensor that no trainable parameter moves
+    (a frozen ``log_std``) is not; its Jacobian is zero, and autograd refuses to differentiate it.
+    """
+    return [k for k, t in enumerate(tensors) if t.requires_grad]
+
+
+def jacobian_transpose_vector(new: DistParams, params: Sequence[th.Tensor], weights: Sequence[th.Tensor]) -> th.Tensor:
+    """
+    ``J^T w``, flat: one backward pass from the distribution tensors of ``new`` (kept for further passes), the
+    tensors outside the graph (:func:`tracked_tensors`) left out. Parameters they do not depend on get zeros.
+
+    :param new: Distribution parameters attached to the graph
+    :param params: Parameters ``J`` is taken with respect to
+    :param weights: One ``w`` per tensor of ``new``
+    """
+    tracked = tracked_tensors(new.tensors)
+    if not tracked:
+        return th.cat([th.zeros_like(p).reshape(-1) for p in params])
+    grads = th.autograd.grad(
+        [new.tensors[k] for k in tracked],
+        params,
+        grad_outputs=[weights[k] for k in tracked],
+        retain_graph=True,
+        allow_unused=True,
+    )
+    return th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Conjugate gradient
 # --------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch.autograd import forward_ad
 
 from sb3_trpo_ext.common.critic import optimizer_update
 from sb3_trpo_ext.common.lean_vec_env import make_lean_env_step
-from sb3_trpo_ext.common.numerics import DistParams, fisher_weight_operator
+from sb3_trpo_ext.common.numerics import DistParams, fisher_weight_operator, jacobian_transpose_vector
 from sb3_trpo_ext.common.policy_utils import (
     all_finite,
     distribution_params,
@@ -209,6 +209,7 @@ class RecurrentTRPO(TRPO):
         self._last_lstm_states: RNNStates | None = None
         if _init_setup_model:
             self._setup_model()
+            self._checked_learning_rate()
 
     def _setup_model(self) -> None:
         super()._setup_model()  # the policy (and a plain buffer, replaced below: its shape needs the policy's LSTM)
@@ -417,16 +418,12 @@ class RecurrentTRPO(TRPO):
         damping = self.cg_damping
         fisher_weight = fisher_weight_operator(old)
 
-        def jacobian_transpose_vector(m_jv: Sequence[th.Tensor]) -> th.Tensor:
-            jt_m_jv = th.autograd.grad(new.tensors, params, grad_outputs=m_jv, retain_graph=True, allow_unused=True)
-            return th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(jt_m_jv, params)])
-
         def fvp_with(
             jacobian_vector_fn: Callable[[th.Tensor], Sequence[th.Tensor | None]],
         ) -> Callable[[th.Tensor], th.Tensor]:
             def fvp(vector: th.Tensor) -> th.Tensor:
                 jv = [th.zeros_like(t) if d is None else d for t, d in zip(new.tensors, jacobian_vector_fn(vector))]
-                return jacobian_transpose_vector(fisher_weight(jv)) / n_samples + damping * vector
+                return jacobian_transpose_vector(new, params, fisher_weight(jv)) / n_samples + damping * vector
 
             return fvp
 

@@ -18,7 +18,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
-from stable_baselines3.common.utils import explained_variance, obs_as_tensor
+from stable_baselines3.common.utils import explained_variance, obs_as_tensor, update_learning_rate
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
@@ -40,8 +40,10 @@ from sb3_trpo_ext.common.numerics import (
     fisher_weight_operator,
     flat_grad,
     flat_parameters,
+    jacobian_transpose_vector,
     kl_old_new,
     maximal_step_size,
+    tracked_tensors,
 )
 from sb3_trpo_ext.common.policy_utils import (
     all_finite,
@@ -107,7 +109,7 @@ _VALIDATED = (
 )
 
 
-def _check_range(name: str, value: float, valid: bool, valid_range: str) -> None:
+def _check_range(name: str, value: object, valid: bool, valid_range: str) -> None:
     if not valid:
         raise ValueError(f"Invalid hyperparameter {name}={value!r}: it must be {valid_range}")
 
@@ -287,6 +289,7 @@ class TRPO(OnPolicyAlgorithm):
 
         if _init_setup_model:
             self._setup_model()
+            self._checked_learning_rate()  # a schedule's first value (SB3 built the optimizer with it)
 
     # ----------------------------------------------------------------------------------------------------------
     # Input validation
@@ -342,7 +345,10 @@ class TRPO(OnPolicyAlgorithm):
         The constructor's checks on the model's current hyperparameters, which may have been set after it: by
         ``load`` (the saved file, ``custom_objects``; a ``MaskablePPO`` or ``RecurrentPPO`` file holds PPO's
         ``target_kl=None``), or by assignment, from a callback too. Called before anything is collected or updated.
+        A learning-rate schedule is checked at the current progress (:meth:`_checked_learning_rate`).
         """
+        if getattr(self, "lr_schedule", None) is not None:
+            self._checked_learning_rate()
         try:
             self._validate_hyperparameters(**{name: getattr(self, name) for name in _VALIDATED})
             if self.env is not None:
@@ -353,6 +359,30 @@ class TRPO(OnPolicyAlgorithm):
                 "assignment, or with a new environment): set a valid one on the model, or pass it to load in "
                 "custom_objects"
             ) from None
+
+    def _checked_learning_rate(self) -> float:
+        """
+        The learning rate at the current progress, from ``lr_schedule``; a ``ValueError`` naming ``learning_rate``
+        if the schedule gives a value that is not a finite number >= 0 (NaN or infinity would turn the critic's
+        weights into NaN through Adam, a negative rate would climb the value loss).
+        """
+        progress = self._current_progress_remaining
+        value = self.lr_schedule(progress)
+        valid = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0.0
+        _check_range(
+            "learning_rate",
+            self.learning_rate,
+            valid,
+            f"a finite number >= 0, or a schedule returning one (it returned {value!r} at progress_remaining={progress!r})",
+        )
+        return value
+
+    def _update_learning_rate(self, optimizers: list[th.optim.Optimizer] | th.optim.Optimizer) -> None:
+        """SB3's, with the schedule's value checked (:meth:`_checked_learning_rate`) before anything uses it."""
+        value = self._checked_learning_rate()
+        self.logger.record("train/learning_rate", value)
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            update_learning_rate(optimizer, value)
 
     @staticmethod
     def _check_normalizable(normalize_advantage: bool, n_steps: int, n_envs: int) -> None:
@@ -559,8 +589,11 @@ class TRPO(OnPolicyAlgorithm):
             self._mlp_fisher.prepare(observations, self.cg_damping)
             return self._mlp_fisher
         n_samples = new.tensors[0].shape[0]
-        dummies = [th.zeros_like(t, requires_grad=True) for t in new.tensors]
-        jt_dummy = th.autograd.grad(new.tensors, params, grad_outputs=dummies, create_graph=True, allow_unused=True)
+        # A distribution tensor that no trainable parameter moves (a frozen log_std) has J = 0: left out of autograd
+        tracked = tracked_tensors(new.tensors)
+        outputs = [new.tensors[k] for k in tracked]
+        dummies = [th.zeros_like(t, requires_grad=True) for t in outputs]
+        jt_dummy = th.autograd.grad(outputs, params, grad_outputs=dummies, create_graph=True, allow_unused=True)
         jt_pairs = [(g, p) for g, p in zip(jt_dummy, params) if g is not None]
         damping = self.cg_damping
         fisher_weight = fisher_weight_operator(old)
@@ -571,11 +604,15 @@ class TRPO(OnPolicyAlgorithm):
         def fvp(vector: th.Tensor) -> th.Tensor:
             # v split into the shapes of the parameters J^T u depends on
             chunks = [vector[offsets[index_of[id(p)]] : offsets[index_of[id(p)] + 1]].view_as(p) for _, p in jt_pairs]
-            jv = th.autograd.grad([g for g, _ in jt_pairs], dummies, grad_outputs=chunks, retain_graph=True)
+            jv_tracked = th.autograd.grad(
+                [g for g, _ in jt_pairs], dummies, grad_outputs=chunks, retain_graph=True, allow_unused=True
+            )
+            jv = [th.zeros_like(t) for t in new.tensors]
+            for k, d in zip(tracked, jv_tracked):
+                if d is not None:
+                    jv[k] = d
             m_jv = fisher_weight(jv)
-            jt_m_jv = th.autograd.grad(new.tensors, params, grad_outputs=m_jv, retain_graph=True, allow_unused=True)
-            flat = th.cat([(th.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(jt_m_jv, params)])
-            return flat / n_samples + damping * vector
+            return jacobian_transpose_vector(new, params, m_jv) / n_samples + damping * vector
 
         return fvp
 
