@@ -283,6 +283,60 @@ def test_non_finite_batch_skips_the_update_and_leaves_parameters_bit_identical(f
     assert model.logger.name_to_value["train/skipped_update"] == 1.0
 
 
+class HugeRewardOnce(gym.Wrapper):
+    """One finite reward far beyond float32's squared range at the given step, ordinary rewards otherwise."""
+
+    def __init__(self, env: gym.Env, at_step: int) -> None:
+        super().__init__(env)
+        self.at_step, self.count = at_step, 0
+
+    def step(self, action: object) -> tuple:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.count += 1
+        return obs, 1e25 if self.count == self.at_step else reward, terminated, truncated, info
+
+
+def _optimizer_state(model: TRPO) -> list[th.Tensor]:
+    return [v.clone() for state in model.policy.optimizer.state.values() for v in state.values() if isinstance(v, th.Tensor)]
+
+
+@pytest.mark.parametrize("algorithm", ["TRPO", "TRPO-RMSprop", "MaskableTRPO", "RecurrentTRPO"])
+def test_a_critic_regression_that_overflows_is_undone_and_the_critic_learns_again(algorithm: str) -> None:
+    from sb3_contrib.common.wrappers import ActionMasker
+
+    from sb3_trpo_ext import MaskableTRPO, RecurrentTRPO
+
+    def make_env() -> gym.Env:
+        env = HugeRewardOnce(gym.make("CartPole-v1"), at_step=70)  # in the second rollout
+        return ActionMasker(env, lambda _: np.ones(2, dtype=bool)) if algorithm == "MaskableTRPO" else env
+
+    kwargs: dict = {"n_steps": 64, "batch_size": 32, "seed": 0}
+    if algorithm == "RecurrentTRPO":
+        model: TRPO = RecurrentTRPO("MlpLstmPolicy", make_vec_env(make_env, n_envs=1), **kwargs)
+    elif algorithm == "MaskableTRPO":
+        model = MaskableTRPO("MlpPolicy", make_vec_env(make_env, n_envs=1), **kwargs)
+    else:
+        policy_kwargs = {"optimizer_class": th.optim.RMSprop} if algorithm == "TRPO-RMSprop" else {}
+        model = TRPO("MlpPolicy", make_vec_env(make_env, n_envs=1), policy_kwargs=policy_kwargs, **kwargs)
+    model.learn(64)  # a clean first update: the optimizer has a state
+    critic = model._critic_params
+    assert critic
+    weights, state = parameters_snapshot(critic), _optimizer_state(model)
+    with pytest.warns(RuntimeWarning, match="critic regression overflowed"):
+        model.learn(64, reset_num_timesteps=False)
+    assert model.logger.name_to_value["train/critic_update_skipped"] == 1.0
+    assert bit_identical(critic, weights)
+    after = _optimizer_state(model)
+    assert len(after) == len(state) and all(th.equal(a, b) for a, b in zip(after, state))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # ordinary rewards: no overflow, nothing undone
+        model.learn(128, reset_num_timesteps=False)
+    assert "train/critic_update_skipped" not in model.logger.name_to_value
+    assert not bit_identical(critic, weights)
+    assert all(bool(th.isfinite(t).all()) for t in _optimizer_state(model))
+
+
 def test_degenerate_conjugate_gradient_direction_skips_the_policy_step() -> None:
     model = collected_model("box")
     observations = buffer_batch(model)[0]

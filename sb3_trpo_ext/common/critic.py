@@ -152,6 +152,50 @@ class FusedAdam:
         )
 
 
+def saved_optimizer_state(optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]) -> Callable[[], None]:
+    """
+    Save ``params`` and the optimizer's state for them (Adam's moments and step counts), to undo an update.
+
+    :param optimizer: The optimizer holding ``params``
+    :param params: The parameters
+    :return: ``restore()``: writes the saved values back in place (the same tensor objects) and removes the state the
+        optimizer created for a parameter after the save
+    """
+    values = [p.detach().clone() for p in params]
+    states = [
+        {k: v.clone() if isinstance(v, th.Tensor) else v for k, v in optimizer.state[p].items()}
+        if p in optimizer.state
+        else None
+        for p in params
+    ]
+
+    @th.no_grad()
+    def restore() -> None:
+        for param, value, state in zip(params, values, states):
+            param.copy_(value)
+            if state is None:
+                optimizer.state.pop(param, None)
+                continue
+            current = optimizer.state[param]
+            for key in list(current):
+                if key not in state:
+                    del current[key]
+            for key, saved in state.items():
+                if isinstance(saved, th.Tensor) and isinstance(current.get(key), th.Tensor):
+                    current[key].copy_(saved)
+                else:
+                    current[key] = saved
+
+    return restore
+
+
+def optimizer_state_tensors(optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]) -> list[th.Tensor]:
+    """The floating-point tensors of the optimizer's state for ``params`` (Adam's moments, its step counts)."""
+    return [
+        v for p in params for v in optimizer.state.get(p, {}).values() if isinstance(v, th.Tensor) and v.is_floating_point()
+    ]
+
+
 def optimizer_update(optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]) -> Callable[[Sequence[th.Tensor]], None]:
     """
     ``grads -> None``: one optimizer update of ``params`` from the given gradients: :class:`FusedAdam` where it

@@ -681,7 +681,7 @@ class RecurrentTRPO(TRPO):
                 stats = self._policy_step(observations, actions, data.old_log_prob[rows], advantages)
             if stats.skipped is not None:
                 warnings.warn(f"RecurrentTRPO: policy step skipped: {stats.skipped}; the policy is unchanged", RuntimeWarning)
-            value_losses = self._critic_regression(observations, returns)
+            value_losses = self._guarded_critic_regression(observations, returns)
         finally:
             self._sequences = None
         self._log_train_stats(stats, value_losses)

@@ -23,7 +23,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_trpo_ext.common.contrib_compat import kl_dimension_factor
-from sb3_trpo_ext.common.critic import FastMlpCritic, optimizer_update
+from sb3_trpo_ext.common.critic import FastMlpCritic, optimizer_state_tensors, optimizer_update, saved_optimizer_state
 from sb3_trpo_ext.common.lean_policy import (
     PolicyStep,
     make_buffer_add,
@@ -803,9 +803,37 @@ class TRPO(OnPolicyAlgorithm):
                 RuntimeWarning,
             )
 
-        value_losses = self._critic_regression(observations, returns)
+        value_losses = self._guarded_critic_regression(observations, returns)
 
         self._log_train_stats(stats, value_losses)
+
+    def _guarded_critic_regression(self, observations: PyTorchObs, returns: th.Tensor) -> list[float]:
+        """
+        :meth:`_critic_regression`, undone where it leaves a critic weight or the optimizer's state for the critic
+        non-finite: finite returns can still overflow float32 in Adam's second moment (the squared gradient; rewards
+        of about 1e22 and up without reward normalisation), which would stop the critic for good (Adam's step is 0
+        once its second moment is infinite). The critic and its optimizer state are then left as they were, with a
+        warning and ``train/critic_update_skipped`` = 1. An infinite value loss alone (the squared error overflows
+        first) is logged as it is: Adam's steps stay finite, and the critic learns.
+
+        :return: The value loss of every minibatch
+        """
+        _, critic_params = self._split_parameters(observations)
+        optimizer = self.policy.optimizer
+        restore = saved_optimizer_state(optimizer, critic_params)
+        value_losses = self._critic_regression(observations, returns)
+        tensors = [*critic_params, *optimizer_state_tensors(optimizer, critic_params)]
+        if bool(th.cat([t.detach().reshape(-1) for t in tensors]).isfinite().all()):  # one check for all
+            return value_losses
+        restore()
+        warnings.warn(
+            f"{type(self).__name__}: the critic regression overflowed (a non-finite weight or optimizer state: returns "
+            "too large for float32; VecNormalize(norm_reward=True) scales them); the critic and its optimizer state "
+            "are left unchanged in this update",
+            RuntimeWarning,
+        )
+        self._record_update("train/critic_update_skipped", 1.0)
+        return value_losses
 
     def _record_update(self, key: str, value: float) -> None:
         """Record one statistic of this update; :meth:`_forget_update_records` removes it before the next update."""
