@@ -282,3 +282,17 @@ def test_learning_rate_schedule_invalid_later_fails_before_the_update_moves_a_we
     assert model._n_updates >= 1  # the schedule's valid values were applied first
     assert weights and all(th.equal(a, b) for a, b in zip(weights, model.policy.parameters()))
     assert all(bool(th.isfinite(p).all()) for p in model.policy.parameters())
+
+
+def test_a_linear_schedule_past_the_end_of_a_run_gives_a_zero_rate(tmp_path: Path) -> None:
+    # SB3's last update of a run whose total is not a multiple of n_steps * n_envs has a negative progress_remaining,
+    # where RL Zoo's lin_1e-3 (progress * 1e-3) is negative: the rate is the schedule's end, 0, not an error
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, seed=0, learning_rate=lambda p: 1e-3 * p)
+    model.learn(100)  # two rollouts of 64 steps: the second ends at progress 1 - 128 / 100 < 0
+    assert model._current_progress_remaining < 0
+    assert model.logger.name_to_value["train/learning_rate"] == 0.0
+    assert model.policy.optimizer.param_groups[0]["lr"] == 0.0
+    model.save(tmp_path / "model.zip")
+    loaded = TRPO.load(tmp_path / "model.zip", env=model.get_env())
+    loaded.learn(64)  # a saved negative progress does not stop the next run
+    assert loaded.num_timesteps == 64 and loaded._n_updates == model._n_updates + 1

@@ -212,3 +212,15 @@ def test_nan_observation_gives_the_cpus_error_and_leaves_the_device_usable(cls: 
     with pytest.raises(ValueError, match=r"NaN for environment index"):
         model.learn(64)
     assert float(th.ones(3, device="cuda").sum()) == 3.0
+
+
+@pytest.mark.parametrize("optimizer_class", [th.optim.RMSprop, th.optim.AdamW], ids=["RMSprop", "AdamW"])
+def test_critic_overflow_guard_with_optimizers_keeping_their_step_on_the_cpu(optimizer_class: type) -> None:
+    # torch's RMSprop and AdamW keep state["step"] on the CPU beside CUDA parameters: the guard checks per device
+    model = TRPO(
+        "MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, seed=0, device="cuda",
+        policy_kwargs={"optimizer_class": optimizer_class},
+    )  # fmt: skip
+    model.learn(128)
+    assert model._critic_params and all(p.device.type == "cuda" for p in model._critic_params)
+    assert "train/critic_update_skipped" not in model.logger.name_to_value

@@ -394,3 +394,43 @@ def test_non_finite_gradient_skips_the_policy_step() -> None:
 def test_default_features_extractor_is_parameter_free() -> None:
     model = collected_model("box")
     assert isinstance(model.policy.features_extractor, FlattenExtractor)
+
+
+def test_a_critic_state_non_finite_before_the_regression_is_not_undone() -> None:
+    # A loaded model whose Adam state already holds an inf (trained by an earlier version, or by sb3-contrib's TRPO):
+    # undoing every regression would freeze its critic for good
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, seed=0)
+    model.learn(64)
+    critic = model._critic_params
+    assert critic
+    model.policy.optimizer.state[critic[0]]["exp_avg_sq"].view(-1)[0] = float("inf")
+    weights = parameters_snapshot(critic)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model.learn(128, reset_num_timesteps=False)
+    assert "train/critic_update_skipped" not in model.logger.name_to_value
+    assert all(not th.equal(a, b) for a, b in zip(weights, critic))
+
+
+def test_saved_critic_restores_optimizer_state_of_any_kind() -> None:
+    from sb3_trpo_ext.common.critic import SavedCritic
+
+    param = th.nn.Parameter(th.ones(3))
+    fresh = th.nn.Parameter(th.ones(2))
+    optimizer = th.optim.SGD([param, fresh], lr=0.1, momentum=0.9)
+    optimizer.state[param].update({"momentum_buffer": th.zeros(3), "history": [1], "count": 1})
+    buffer = optimizer.state[param]["momentum_buffer"]
+    saved = SavedCritic(optimizer, [param, fresh])
+    with th.no_grad():
+        param.add_(1.0)
+        buffer.fill_(5.0)
+    optimizer.state[param]["history"].append(2)
+    optimizer.state[param]["count"] = 2
+    optimizer.state[param]["added"] = th.ones(1)
+    optimizer.state[fresh]["momentum_buffer"] = th.ones(2)  # created after the save
+    saved.restore()
+    assert th.equal(param.detach(), th.ones(3))
+    assert optimizer.state[param]["momentum_buffer"] is buffer and th.equal(buffer, th.zeros(3))
+    assert optimizer.state[param]["history"] == [1] and optimizer.state[param]["count"] == 1
+    assert "added" not in optimizer.state[param]
+    assert fresh not in optimizer.state

@@ -11,6 +11,7 @@ schedule see an ordinary ``torch.optim.Adam``. Any other critic or optimizer fal
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -152,31 +153,42 @@ class FusedAdam:
         )
 
 
-def saved_optimizer_state(optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]) -> Callable[[], None]:
+class SavedCritic:
     """
-    Save ``params`` and the optimizer's state for them (Adam's moments and step counts), to undo an update.
+    Parameters and the optimizer's state for them (Adam's moments and step counts), saved to undo an update.
 
     :param optimizer: The optimizer holding ``params``
     :param params: The parameters
-    :return: ``restore()``: writes the saved values back in place (the same tensor objects) and removes the state the
-        optimizer created for a parameter after the save
     """
-    values = [p.detach().clone() for p in params]
-    states = [
-        {k: v.clone() if isinstance(v, th.Tensor) else v for k, v in optimizer.state[p].items()}
-        if p in optimizer.state
-        else None
-        for p in params
-    ]
+
+    def __init__(self, optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]) -> None:
+        self.optimizer, self.params = optimizer, list(params)
+        self.values = [p.detach().clone() for p in self.params]
+        self.states = [
+            {k: v.clone() if isinstance(v, th.Tensor) else copy.deepcopy(v) for k, v in optimizer.state[p].items()}
+            if p in optimizer.state
+            else None
+            for p in self.params
+        ]
+
+    def state_tensors(self) -> list[th.Tensor]:
+        """The floating-point tensors of the optimizer's current state for the parameters."""
+        return optimizer_state_tensors(self.optimizer, self.params)
+
+    def was_finite(self) -> bool:
+        """Whether every saved value (parameters, floating-point state) was finite."""
+        saved = [v for state in self.states if state for v in state.values() if isinstance(v, th.Tensor)]
+        return all_finite_by_device([*self.values, *(v for v in saved if v.is_floating_point())])
 
     @th.no_grad()
-    def restore() -> None:
-        for param, value, state in zip(params, values, states):
+    def restore(self) -> None:
+        """Write the saved values back in place (the same tensor objects); drop state created after the save."""
+        for param, value, state in zip(self.params, self.values, self.states):
             param.copy_(value)
             if state is None:
-                optimizer.state.pop(param, None)
+                self.optimizer.state.pop(param, None)
                 continue
-            current = optimizer.state[param]
+            current = self.optimizer.state[param]
             for key in list(current):
                 if key not in state:
                     del current[key]
@@ -186,14 +198,23 @@ def saved_optimizer_state(optimizer: th.optim.Optimizer, params: Sequence[th.Ten
                 else:
                     current[key] = saved
 
-    return restore
-
 
 def optimizer_state_tensors(optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]) -> list[th.Tensor]:
     """The floating-point tensors of the optimizer's state for ``params`` (Adam's moments, its step counts)."""
     return [
         v for p in params for v in optimizer.state.get(p, {}).values() if isinstance(v, th.Tensor) and v.is_floating_point()
     ]
+
+
+def all_finite_by_device(tensors: Sequence[th.Tensor]) -> bool:
+    """
+    Whether every element of every tensor is finite: one check per device (PyTorch's optimizers keep Adam's step
+    count on the CPU beside CUDA parameters).
+    """
+    by_device: dict[th.device, list[th.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.detach().reshape(-1))
+    return all(bool(th.cat(group).isfinite().all()) for group in by_device.values())
 
 
 def optimizer_update(optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]) -> Callable[[Sequence[th.Tensor]], None]:

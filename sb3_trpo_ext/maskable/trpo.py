@@ -163,7 +163,6 @@ class MaskableTRPO(TRPO):
         self._use_masking = True
         if _init_setup_model:
             self._setup_model()
-            self._checked_learning_rate()
 
     @staticmethod
     def _check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:

@@ -209,7 +209,6 @@ class RecurrentTRPO(TRPO):
         self._last_lstm_states: RNNStates | None = None
         if _init_setup_model:
             self._setup_model()
-            self._checked_learning_rate()
 
     def _setup_model(self) -> None:
         super()._setup_model()  # the policy (and a plain buffer, replaced below: its shape needs the policy's LSTM)

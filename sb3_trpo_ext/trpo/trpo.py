@@ -23,7 +23,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_trpo_ext.common.contrib_compat import kl_dimension_factor
-from sb3_trpo_ext.common.critic import FastMlpCritic, optimizer_state_tensors, optimizer_update, saved_optimizer_state
+from sb3_trpo_ext.common.critic import FastMlpCritic, SavedCritic, all_finite_by_device, optimizer_update
 from sb3_trpo_ext.common.lean_policy import (
     PolicyStep,
     make_buffer_add,
@@ -289,7 +289,6 @@ class TRPO(OnPolicyAlgorithm):
 
         if _init_setup_model:
             self._setup_model()
-            self._checked_learning_rate()  # a schedule's first value (SB3 built the optimizer with it)
 
     # ----------------------------------------------------------------------------------------------------------
     # Input validation
@@ -345,10 +344,8 @@ class TRPO(OnPolicyAlgorithm):
         The constructor's checks on the model's current hyperparameters, which may have been set after it: by
         ``load`` (the saved file, ``custom_objects``; a ``MaskablePPO`` or ``RecurrentPPO`` file holds PPO's
         ``target_kl=None``), or by assignment, from a callback too. Called before anything is collected or updated.
-        A learning-rate schedule is checked at the current progress (:meth:`_checked_learning_rate`).
+        A learning-rate schedule is checked where it is used (:meth:`_checked_learning_rate`).
         """
-        if getattr(self, "lr_schedule", None) is not None:
-            self._checked_learning_rate()
         try:
             self._validate_hyperparameters(**{name: getattr(self, name) for name in _VALIDATED})
             if self.env is not None:
@@ -360,13 +357,15 @@ class TRPO(OnPolicyAlgorithm):
                 "custom_objects"
             ) from None
 
-    def _checked_learning_rate(self) -> float:
+    def _checked_learning_rate(self, progress_remaining: float) -> float:
         """
-        The learning rate at the current progress, from ``lr_schedule``; a ``ValueError`` naming ``learning_rate``
-        if the schedule gives a value that is not a finite number >= 0 (NaN or infinity would turn the critic's
-        weights into NaN through Adam, a negative rate would climb the value loss).
+        The learning rate from ``lr_schedule`` at ``progress_remaining``, taken as 0 where it is below (SB3's last
+        update of a run whose ``total_timesteps`` is not a multiple of ``n_steps * n_envs`` has a negative progress,
+        where a linear schedule such as RL Zoo's ``lin_1e-3`` would give a negative rate); a ``ValueError`` naming
+        ``learning_rate`` if the schedule gives a value that is not a finite number >= 0 (NaN or infinity would turn
+        the critic's weights into NaN through Adam, a negative rate would climb the value loss).
         """
-        progress = self._current_progress_remaining
+        progress = max(progress_remaining, 0.0)
         value = self.lr_schedule(progress)
         valid = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0.0
         _check_range(
@@ -377,9 +376,14 @@ class TRPO(OnPolicyAlgorithm):
         )
         return value
 
+    def _setup_lr_schedule(self) -> None:
+        """SB3's, with the schedule's first value checked: the optimizer is built with it (at construction, by load)."""
+        super()._setup_lr_schedule()
+        self._checked_learning_rate(1.0)
+
     def _update_learning_rate(self, optimizers: list[th.optim.Optimizer] | th.optim.Optimizer) -> None:
         """SB3's, with the schedule's value checked (:meth:`_checked_learning_rate`) before anything uses it."""
-        value = self._checked_learning_rate()
+        value = self._checked_learning_rate(self._current_progress_remaining)
         self.logger.record("train/learning_rate", value)
         for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
             update_learning_rate(optimizer, value)
@@ -814,18 +818,19 @@ class TRPO(OnPolicyAlgorithm):
         of about 1e22 and up without reward normalisation), which would stop the critic for good (Adam's step is 0
         once its second moment is infinite). The critic and its optimizer state are then left as they were, with a
         warning and ``train/critic_update_skipped`` = 1. An infinite value loss alone (the squared error overflows
-        first) is logged as it is: Adam's steps stay finite, and the critic learns.
+        first) is logged as it is: Adam's steps stay finite, and the critic learns. A state that was non-finite
+        before the regression (a loaded model's) is not undone: it is not this update's doing, and undoing would
+        freeze the critic for good.
 
         :return: The value loss of every minibatch
         """
         _, critic_params = self._split_parameters(observations)
         optimizer = self.policy.optimizer
-        restore = saved_optimizer_state(optimizer, critic_params)
+        saved = SavedCritic(optimizer, critic_params)
         value_losses = self._critic_regression(observations, returns)
-        tensors = [*critic_params, *optimizer_state_tensors(optimizer, critic_params)]
-        if bool(th.cat([t.detach().reshape(-1) for t in tensors]).isfinite().all()):  # one check for all
+        if all_finite_by_device([*critic_params, *saved.state_tensors()]) or not saved.was_finite():
             return value_losses
-        restore()
+        saved.restore()
         warnings.warn(
             f"{type(self).__name__}: the critic regression overflowed (a non-finite weight or optimizer state: returns "
             "too large for float32; VecNormalize(norm_reward=True) scales them); the critic and its optimizer state "
