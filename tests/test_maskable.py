@@ -132,6 +132,21 @@ def test_predict_never_returns_a_masked_action(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_predict_rejects_masks_for_another_number_of_observations(kind: str) -> None:
+    env = make_masked_env(kind)
+    model = MaskableTRPO("MlpPolicy", env, n_steps=64, batch_size=64, policy_kwargs=TINY, seed=0)
+    obs, _ = env.reset(seed=0)
+    mask = np.asarray(get_action_masks(env))
+    batch = np.stack([obs] * 3)
+    model.predict(obs, action_masks=mask)  # one observation, one mask
+    model.predict(batch, action_masks=np.stack([mask] * 3))  # a batch, a mask per observation
+    with pytest.raises(ValueError, match=r"Action masks of shape .* entries per observation for 3 observations"):
+        model.predict(batch, action_masks=mask)  # sb3-contrib's MaskablePPO: a RuntimeError from a reshape
+    with pytest.raises(ValueError, match=r"Action masks of shape .* entries per observation for 1 observation$"):
+        model.predict(obs, action_masks=np.stack([mask, mask]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_masked_actions_have_exactly_zero_probability_after_updates(kind: str) -> None:
     model = collected(kind, target_kl=0.1)
     for _ in range(3):
@@ -348,7 +363,7 @@ def test_masks_with_one_row_per_component_are_read_as_sb3_contrib_reads_them() -
 
 def test_masks_of_the_wrong_size_raise_naming_the_expected_length() -> None:
     model = MaskableTRPO("MlpPolicy", make_masked_env("multidiscrete"), n_steps=16, batch_size=16, policy_kwargs=TINY)
-    with pytest.raises(ValueError, match="expected 7 entries per environment"):
+    with pytest.raises(ValueError, match="expected 7 entries per observation"):
         model.predict(model.observation_space.sample(), action_masks=np.ones(6, dtype=bool))
 
 

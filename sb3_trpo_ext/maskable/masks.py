@@ -41,7 +41,10 @@ def mask_component_sizes(action_space: spaces.Space) -> list[int]:
 
 
 def check_action_masks(
-    masks: np.ndarray | th.Tensor | Sequence[bool], action_space: spaces.Space, n_envs: int | None = None
+    masks: np.ndarray | th.Tensor | Sequence[bool],
+    action_space: spaces.Space,
+    n_envs: int | None = None,
+    unit: str = "environment",
 ) -> np.ndarray:
     """
     Check that every environment's mask has the right length and leaves at least one valid outcome in every
@@ -52,6 +55,7 @@ def check_action_masks(
         the components have equal sizes), as sb3-contrib reads them: they are viewed as ``(-1, mask_length)``
     :param action_space: The action space the masks apply to
     :param n_envs: The number of environments the masks must cover (not checked if None)
+    :param unit: What one mask is for, in the error message (``"observation"`` in ``predict``)
     :return: The masks as a boolean array of shape ``(n_envs, mask_length)``
     :raises ValueError: naming the environment index (and the component) whose mask has no valid action, or
         when the masks' size does not fit the action space or the number of environments
@@ -61,7 +65,8 @@ def check_action_masks(
     array = masks.detach().cpu().numpy() if isinstance(masks, th.Tensor) else np.asarray(masks)
     array = array if array.dtype == np.bool_ else array.astype(bool)
     if array.size == 0 or array.size % length != 0 or (n_envs is not None and array.size != n_envs * length):
-        expected = f"{length} entries per environment" + (f" for {n_envs} environments" if n_envs is not None else "")
+        plural = "" if n_envs == 1 else "s"
+        expected = f"{length} entries per {unit}" + (f" for {n_envs} {unit}{plural}" if n_envs is not None else "")
         raise ValueError(
             f"Action masks of shape {np.asarray(masks).shape} do not fit the action space {action_space}: expected {expected}"
         )

@@ -16,7 +16,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
-from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.utils import is_vectorized_observation, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from torch.nn import functional as F
@@ -387,8 +387,23 @@ class MaskableTRPO(TRPO):
         :return: The action(s) and ``None``
         """
         if action_masks is not None:
-            action_masks = check_action_masks(action_masks, self.action_space)
+            action_masks = check_action_masks(
+                action_masks, self.action_space, self._observation_count(observation), "observation"
+            )
         return self.policy.predict(observation, state, episode_start, deterministic, action_masks=action_masks)
+
+    def _observation_count(self, observation: np.ndarray | dict[str, np.ndarray]) -> int | None:
+        """
+        The number of observations ``predict`` is given (one unless it is a batch), which the masks must match; ``None``
+        where the observation does not fit the space (``policy.predict`` then raises its own error).
+        """
+        try:
+            if not is_vectorized_observation(observation, self.observation_space):  # type: ignore[arg-type]
+                return 1
+        except ValueError:
+            return None
+        first = next(iter(observation.values())) if isinstance(observation, dict) else observation
+        return int(np.shape(first)[0])
 
     # ----------------------------------------------------------------------------------------------------------
     # Training: the masked surrogate (KL, Fisher-vector product and line search follow from it)
