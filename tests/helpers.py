@@ -12,6 +12,11 @@ from sb3_trpo_ext import TRPO
 
 TINY = {"net_arch": [8]}
 
+#: A registered environment with Dict observations, for ``gym.make("tests.helpers:" + DICT_ENV_ID)`` (the CLI)
+DICT_ENV_ID = "sb3_trpo_ext_tests/SimpleMultiObs-v0"
+if DICT_ENV_ID not in gym.registry:
+    gym.register(DICT_ENV_ID, entry_point="stable_baselines3.common.envs:SimpleMultiObsEnv", max_episode_steps=50)
+
 
 def make_identity_env(kind: str) -> gym.Env:
     """A tiny SB3 test environment whose action space is of the given kind."""
