@@ -108,14 +108,17 @@ def ms_per_step(make_model: Callable[[], BaseAlgorithm], steps: int) -> tuple[fl
     :param make_model: builds a fresh model.
     :param steps: measured environment steps.
     :return: milliseconds per environment step of ``learn(steps)`` after a warm-up ``learn``, and of the ``train()``
-        calls (updates) within it.
+        calls (updates) within it; per step taken (``learn`` runs whole rollouts, so it may take more than ``steps``).
     """
     model = make_model()
     model.learn(max(steps // 4, 1))  # warm-up: first calls, structure discovery
     timer = TrainTimer(model)
+    before = model.num_timesteps
     start = time.perf_counter()
     model.learn(steps, reset_num_timesteps=False)
-    return (time.perf_counter() - start) / steps * 1e3, sum(timer.times) / steps * 1e3
+    elapsed = time.perf_counter() - start
+    taken = model.num_timesteps - before
+    return elapsed / taken * 1e3, sum(timer.times) / taken * 1e3
 
 
 def measure(steps: int, pairs: int) -> list[dict[str, Any]]:
@@ -189,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out is None and args.smoke:
         parser.error("--smoke writes to a separate results folder: pass --out")
-    steps = args.steps or (256 if args.smoke else 8192)
-    pairs = args.pairs or (1 if args.smoke else 5)
+    steps = args.steps if args.steps is not None else (256 if args.smoke else 8192)
+    pairs = args.pairs if args.pairs is not None else (1 if args.smoke else 5)
+    if steps < 1 or pairs < 1:
+        parser.error(f"--steps and --pairs must be >= 1, got {steps} and {pairs}")
     th.set_num_threads(1)
     run_versions = versions()
     name = args.name or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{run_versions['git_commit']}"

@@ -118,10 +118,27 @@ def run(variant: str, seed: int, steps: int) -> dict[str, Any]:
 
 
 def load_runs(path: Path) -> list[dict[str, Any]]:
-    """:return: the runs recorded in ``path`` (none when it does not exist)."""
+    """
+    :return: the runs recorded in ``path`` (none when it does not exist); a line that is not a whole record (a write
+        cut short by an interruption) or a run without evaluations is left out, with a note on stderr, and is run
+        again by a resumed campaign.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    runs = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            run = json.loads(line)
+            complete = isinstance(run, dict) and bool(run.get("timesteps")) and bool(run.get("evaluations"))
+        except json.JSONDecodeError:
+            complete = False
+        if complete:
+            runs.append(run)
+        else:
+            print(f"{path}:{number}: not a complete run, left out", file=sys.stderr)
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
+    if args.steps < EVAL_EVERY:
+        parser.error(f"--steps must be >= {EVAL_EVERY} (one evaluation every {EVAL_EVERY} steps), got {args.steps}")
     path = args.out / "runs.jsonl"
     done = {(r["variant"], r["seed"], r["timesteps"][-1]) for r in load_runs(path)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -145,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             if any(key[:2] == (variant, seed) and key[2] >= args.steps for key in done):
                 continue
             record = run(variant, seed, args.steps)
+            ends_cleanly = not path.exists() or path.stat().st_size == 0 or path.read_bytes().endswith(b"\n")
             with path.open("a") as file:
-                file.write(json.dumps(record) + "\n")
+                file.write(("" if ends_cleanly else "\n") + json.dumps(record) + "\n")  # after a cut-short line
             print(f"{variant} seed {seed}: evaluations {[round(e) for e in record['evaluations']]}", flush=True)
     return 0
 

@@ -244,6 +244,28 @@ def probe_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
     parser.add_argument("--out", type=Path, default=default_out, help=f"results folder (default: {default_out})")
 
 
+def probe_steps(parser: argparse.ArgumentParser, steps: int | None, config: ZooConfig, updates: int = 1) -> int:
+    """
+    The training steps of a probe: ``--steps``, or the zoo's budget; a usage error naming ``--steps`` below the
+    ``updates`` the probe needs (one rollout of ``n_steps * n_envs`` each).
+
+    :param parser: the probe's parser.
+    :param steps: ``--steps`` (``None``: not given).
+    :param config: the environment's zoo settings.
+    :param updates: the number of updates the probe needs to record anything.
+    :return: the training steps.
+    """
+    rollout = int(config.model_kwargs.get("n_steps", 2048)) * config.n_envs
+    if steps is None:
+        return config.n_timesteps
+    if steps < updates * rollout:
+        parser.error(
+            f"--steps must be at least {updates * rollout} ({updates} update{'s' if updates > 1 else ''} of "
+            f"{rollout} steps on {config.env_id}), got {steps}"
+        )
+    return steps
+
+
 def versions() -> dict[str, str | int | None]:
     """
     :return: versions of everything that decides a result, the git commit (``$BENCHMARK_SOURCE_COMMIT`` when set,

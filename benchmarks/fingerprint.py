@@ -71,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         reference = read_json(args.compare)
         if reference is None:
             parser.error(f"--compare: no fingerprint file at {args.compare}")
+        if not (
+            isinstance(reference, dict)
+            and isinstance(reference.get("hashes"), dict)
+            and isinstance(reference.get("timesteps"), int)
+            and isinstance(reference.get("seed"), int)
+        ):
+            parser.error(f"--compare: {args.compare} is not a fingerprint file (no 'hashes', 'timesteps' and 'seed')")
         args.envs, args.timesteps, args.seed = list(reference["hashes"]), reference["timesteps"], reference["seed"]
     hashes = {}
     for env_id in args.envs:

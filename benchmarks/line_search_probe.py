@@ -30,6 +30,7 @@ from benchmarks.common import (
     make_model,
     make_train_env,
     probe_arguments,
+    probe_steps,
     timestamp,
     versions,
     write_json,
@@ -114,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     probe_arguments(parser, DEFAULT_OUT)
     args = parser.parse_args(argv)
-    th.set_num_threads(1)
     config = zoo_config(args.env)
+    steps = probe_steps(parser, args.steps, config)
+    th.set_num_threads(1)
     model = make_model(MATCHED, config, make_train_env(config, seed=args.seed), args.seed, algorithm=ProbedTRPO)
     assert isinstance(model, ProbedTRPO)
     model.records = []
     start = time.perf_counter()
-    model.learn(args.steps or config.n_timesteps)
+    model.learn(steps)
     result = {
         "created": timestamp(),
         "env_id": args.env,

@@ -11,7 +11,8 @@ Usage::
 
     python -m benchmarks.returns                                  # the whole campaign, resumable
     python -m benchmarks.returns --envs HalfCheetah-v5 --seeds 0 1 --jobs 1
-    python -m benchmarks.returns --smoke --out /tmp/smoke          # tiny budgets, separate results
+    python -m benchmarks.returns --smoke --out /tmp/smoke/returns  # tiny budgets, separate results
+    python -m benchmarks.report --results /tmp/smoke --figures /tmp/smoke/figures --readme /tmp/smoke/README.md
 """
 
 from __future__ import annotations
@@ -224,14 +225,15 @@ def all_cells(envs: tuple[str, ...], seeds: tuple[int, ...], impls: tuple[str, .
     return [Cell(impl, env_id, seed) for env_id in envs for seed in seeds for impl in impls]
 
 
-def is_finished(cell: Cell, out: Path) -> bool:
+def is_finished(cell: Cell, out: Path, smoke: bool = False) -> bool:
     """
     :param cell: a cell.
     :param out: the results folder.
+    :param smoke: whether the campaign is a smoke one (a smoke result does not finish a real cell, nor the reverse).
     :return: whether its result file exists and is complete.
     """
     result = read_json(cell.path(out))
-    return result is not None and result.get("final_return") is not None
+    return result is not None and result.get("final_return") is not None and bool(result.get("smoke")) == smoke
 
 
 def run_campaign(cells: list[Cell], out: Path, jobs: int, smoke: bool = False) -> list[Cell]:
@@ -247,7 +249,7 @@ def run_campaign(cells: list[Cell], out: Path, jobs: int, smoke: bool = False) -
     """
     from tqdm import tqdm
 
-    pending = [cell for cell in cells if not is_finished(cell, out)]
+    pending = [cell for cell in cells if not is_finished(cell, out, smoke)]
     print(f"{len(cells) - len(pending)} of {len(cells)} cells finished, {len(pending)} to run, {jobs} at a time")
     failed: list[Cell] = []
     queue: Iterator[Cell] = iter(pending)
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = all_cells(tuple(args.envs), tuple(args.seeds), tuple(args.impls))
     if args.list:
         for cell in cells:
-            print(f"{'done' if is_finished(cell, out) else 'todo'}  {cell}")
+            print(f"{'done' if is_finished(cell, out, args.smoke) else 'todo'}  {cell}")
         return 0
     failed = run_campaign(cells, out, max(args.jobs, 1), args.smoke)
     for cell in failed:

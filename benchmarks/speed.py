@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--smoke writes to a separate results folder: pass --out")
     settings = SMOKE_SETTINGS if args.smoke else DEFAULT_SETTINGS
     if args.pairs is not None:
+        if args.pairs < 1:
+            parser.error(f"--pairs must be >= 1, got {args.pairs}")
         settings = Settings(**{**settings.__dict__, "pairs": args.pairs})
     th.set_num_threads(1)
     run_versions = versions()

@@ -45,6 +45,7 @@ from benchmarks.common import (
     make_model,
     make_train_env,
     probe_arguments,
+    probe_steps,
     timestamp,
     versions,
     write_json,
@@ -230,11 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     probe_arguments(parser, DEFAULT_OUT)
     parser.add_argument("--every", type=int, default=10, help="compare every k-th update (default: 10)")
     args = parser.parse_args(argv)
+    if args.every < 1:
+        parser.error(f"--every must be >= 1, got {args.every}")
+    config = zoo_config(args.env)
+    steps = probe_steps(parser, args.steps, config)  # the first update is compared
     th.set_num_threads(1)
     model = build(args.env, args.seed, args.every)
     start = time.perf_counter()
-    config = zoo_config(args.env)
-    model.learn(args.steps or config.n_timesteps)
+    model.learn(steps)
     wall_time = time.perf_counter() - start
     # Which way the run went (HalfCheetah's returns are bimodal): deterministic episodes, as the returns benchmark
     eval_env = make_eval_env(config, seed=args.seed)

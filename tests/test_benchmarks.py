@@ -356,6 +356,56 @@ def test_cg_start_table_compares_each_variant_with_sb3_contrib(tmp_path: Path) -
     assert "seeds 1-3" in table
 
 
+def test_cg_start_runs_leave_out_a_cut_short_line_and_a_run_without_evaluations(tmp_path: Path) -> None:
+    from benchmarks.cg_start import load_runs
+
+    good = {"variant": "sb3_contrib", "seed": 1, "timesteps": [10240], "evaluations": [5.0], "training_episodes_mean": 1}
+    empty = {**good, "seed": 2, "timesteps": [], "evaluations": []}
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(empty) + "\n" + json.dumps(good)[:20])  # an interrupted write
+    assert load_runs(path) == [good]
+
+
+def test_returns_smoke_results_do_not_count_as_finished_real_cells(tmp_path: Path) -> None:
+    from benchmarks.returns import Cell, is_finished
+
+    cell = Cell("sb3_trpo_ext", "CartPole-v1", 0)
+    cell.path(tmp_path).parent.mkdir(parents=True)
+    cell.path(tmp_path).write_text(json.dumps({"final_return": 10.0, "smoke": True}))
+    assert is_finished(cell, tmp_path, smoke=True)
+    assert not is_finished(cell, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "message"),
+    [
+        ("benchmarks.update_map_probe", ["--every", "0"], "--every must be >= 1, got 0"),
+        ("benchmarks.update_map_probe", ["--env", "CartPole-v1", "--steps", "0"], "--steps must be at least 1024"),
+        ("benchmarks.line_search_probe", ["--env", "CartPole-v1", "--steps", "-1"], "--steps must be at least 1024"),
+        ("benchmarks.beyond_speed", ["--steps", "0"], "--steps and --pairs must be >= 1"),
+        ("benchmarks.speed", ["--pairs", "0"], "--pairs must be >= 1, got 0"),
+        ("benchmarks.cg_start", ["--steps", "0"], "--steps must be >= 10240"),
+        ("benchmarks.fingerprint", ["--compare", "{not_a_fingerprint}"], "is not a fingerprint file"),
+    ],
+)
+def test_benchmark_commands_reject_bad_options_before_running(
+    module: str, args: list[str], message: str, tmp_path: Path
+) -> None:
+    not_a_fingerprint = tmp_path / "result.json"
+    not_a_fingerprint.write_text(json.dumps({"final_return": 1.0}))
+    args = [arg.format(not_a_fingerprint=not_a_fingerprint) for arg in args]
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args, "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_make_model_builds_a_probe_subclass_and_refuses_another_family() -> None:
     from benchmarks.line_search_probe import ProbedTRPO
 
