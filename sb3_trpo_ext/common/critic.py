@@ -23,7 +23,7 @@ from stable_baselines3.common.torch_layers import MlpExtractor
 from threadpoolctl import ThreadpoolController
 from torch import nn
 
-from sb3_trpo_ext.common.policy_utils import PROCESS_STATE_LOCK
+from sb3_trpo_ext.common.policy_utils import PROCESS_STATE_LOCK, all_finite
 
 _ACTIVATIONS = (nn.Tanh, nn.ReLU)
 #: Adam's first moments, second moments and step counts, one tensor per parameter each
@@ -178,7 +178,7 @@ class SavedCritic:
     def was_finite(self) -> bool:
         """Whether every saved value (parameters, floating-point state) was finite."""
         saved = [v for state in self.states if state for v in state.values() if isinstance(v, th.Tensor)]
-        return all_finite_by_device([*self.values, *(v for v in saved if v.is_floating_point())])
+        return all_finite([*self.values, *(v for v in saved if v.is_floating_point())])
 
     @th.no_grad()
     def restore(self) -> None:
@@ -204,17 +204,6 @@ def optimizer_state_tensors(optimizer: th.optim.Optimizer, params: Sequence[th.T
     return [
         v for p in params for v in optimizer.state.get(p, {}).values() if isinstance(v, th.Tensor) and v.is_floating_point()
     ]
-
-
-def all_finite_by_device(tensors: Sequence[th.Tensor]) -> bool:
-    """
-    Whether every element of every tensor is finite: one check per device (PyTorch's optimizers keep Adam's step
-    count on the CPU beside CUDA parameters).
-    """
-    by_device: dict[th.device, list[th.Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t.detach().reshape(-1))
-    return all(bool(th.cat(group).isfinite().all()) for group in by_device.values())
 
 
 def optimizer_update(optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]) -> Callable[[Sequence[th.Tensor]], None]:

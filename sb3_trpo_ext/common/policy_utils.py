@@ -134,10 +134,16 @@ def index_observations(observations: PyTorchObs, indices: th.Tensor | slice) -> 
 
 def all_finite(tensors: Sequence[th.Tensor]) -> bool:
     """
+    One check (one synchronisation) per device, not one per tensor; per device because PyTorch's optimizers keep
+    Adam's step count on the CPU beside CUDA parameters.
+
     :param tensors: Tensors to check
     :return: True if every element of every tensor is finite
     """
-    return all(bool(th.isfinite(t).all()) for t in tensors)
+    by_device: dict[th.device, list[th.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.detach().reshape(-1))
+    return all(bool((group[0] if len(group) == 1 else th.cat(group)).isfinite().all()) for group in by_device.values())
 
 
 @contextmanager

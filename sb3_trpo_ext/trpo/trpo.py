@@ -23,7 +23,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_trpo_ext.common.contrib_compat import kl_dimension_factor
-from sb3_trpo_ext.common.critic import FastMlpCritic, SavedCritic, all_finite_by_device, optimizer_update
+from sb3_trpo_ext.common.critic import FastMlpCritic, SavedCritic, optimizer_update
 from sb3_trpo_ext.common.lean_policy import (
     PolicyStep,
     make_buffer_add,
@@ -611,10 +611,8 @@ class TRPO(OnPolicyAlgorithm):
             jv_tracked = th.autograd.grad(
                 [g for g, _ in jt_pairs], dummies, grad_outputs=chunks, retain_graph=True, allow_unused=True
             )
-            jv = [th.zeros_like(t) for t in new.tensors]
-            for k, d in zip(tracked, jv_tracked):
-                if d is not None:
-                    jv[k] = d
+            from_tracked = {k: d for k, d in zip(tracked, jv_tracked) if d is not None}
+            jv = [from_tracked[k] if k in from_tracked else th.zeros_like(t) for k, t in enumerate(new.tensors)]
             m_jv = fisher_weight(jv)
             return jacobian_transpose_vector(new, params, m_jv) / n_samples + damping * vector
 
@@ -828,7 +826,7 @@ class TRPO(OnPolicyAlgorithm):
         optimizer = self.policy.optimizer
         saved = SavedCritic(optimizer, critic_params)
         value_losses = self._critic_regression(observations, returns)
-        if all_finite_by_device([*critic_params, *saved.state_tensors()]) or not saved.was_finite():
+        if all_finite([*critic_params, *saved.state_tensors()]) or not saved.was_finite():
             return value_losses
         saved.restore()
         warnings.warn(
