@@ -178,12 +178,40 @@ def test_packaged_settings_table_takes_the_translated_arm_where_d_exceeds_one() 
     )
     assert "| CartPole-v1 | 1 | 0 | the zoo's (d = 1) | 500.0 ± 0.0 (1) | 400.0 ± 0.0 (1) |  | same runs |" in table
     assert "| Hopper-v5 | 3 | | | missing | | | |" in table
-    assert "Below sb3_contrib's mean with the packaged settings: none; the smallest p: 0.33." in table
+    assert "Below sb3_contrib's mean with the packaged settings: none; the smallest p: 0.33." in table  # one test
     results[(MATCHED, "LunarLanderContinuous-v3")] = [run(0, 0.0, **region), run(1, 0.5, **region)]
     assert "mean with the packaged settings: LunarLanderContinuous-v3 (p 0.33); the smallest p: 0.33." in matched_table(
         results, ("CartPole-v1", "LunarLanderContinuous-v3")
     )
     assert matched_table({("sb3_trpo_ext", "CartPole-v1"): [run(0, 500.0)]}, ("CartPole-v1",)) == ""
+
+
+def test_packaged_settings_table_adjusts_the_smallest_p_for_the_number_of_environments() -> None:
+    from benchmarks.report import matched_table
+
+    def runs(finals: list[float]) -> list[dict]:
+        return [{"seed": seed, "final_return": final} for seed, final in enumerate(finals)]
+
+    results = {  # d = 1 environments: the sb3_trpo_ext runs are the packaged settings' runs
+        ("sb3_trpo_ext", "CartPole-v1"): runs([1.0, 2.0, 3.0]),
+        ("sb3_contrib", "CartPole-v1"): runs([4.0, 5.0, 6.0]),  # p = 2 / 20
+        ("sb3_trpo_ext", "Acrobot-v1"): runs([1.0, 4.0]),
+        ("sb3_contrib", "Acrobot-v1"): runs([2.0, 3.0]),  # p = 1
+        (MATCHED, "CartPole-v1"): runs([0.0]),  # the table is drawn once the translated arm has results
+    }
+    table = matched_table(results, ("CartPole-v1", "Acrobot-v1"))
+    assert "the smallest p: 0.10, 0.20 once adjusted for testing 2 environments at once (Holm's method" in table
+
+
+def test_holm_adjustment() -> None:
+    from benchmarks.report import holm_adjusted
+
+    # sorted 0.01, 0.02, 0.04, 0.5 of m = 4: 4 * 0.01, 3 * 0.02, max(0.06, 2 * 0.04), max(0.08, 1 * 0.5)
+    assert holm_adjusted([0.04, 0.5, 0.01, 0.02]) == pytest.approx([0.08, 0.5, 0.04, 0.06])
+    # the step-down keeps the order (0.03 * 2 = 0.06 would drop below 0.025 * 3 = 0.075), and caps at 1
+    assert holm_adjusted([0.025, 0.03, 0.03]) == pytest.approx([0.075, 0.075, 0.075])
+    assert holm_adjusted([0.6, 0.9]) == pytest.approx([1.0, 1.0])
+    assert holm_adjusted([]) == []
 
 
 def test_mann_whitney_p_is_the_exact_two_sided_rank_test() -> None:
