@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.preprocessing import get_flattened_obs_dim
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor
 from stable_baselines3.common.vec_env import VecEnvWrapper
 
@@ -246,6 +247,65 @@ def test_actor_parameters_are_chosen_by_structure_not_by_name() -> None:
     assert set(map(id, actor)) == expected_actor
     assert set(map(id, critic)) == expected_critic
     model.learn(128)  # and it trains
+
+
+class BatchNormDropoutExtractor(BaseFeaturesExtractor):
+    """A features extractor whose forward pass in training mode changes state (BatchNorm) and draws random numbers."""
+
+    def __init__(self, observation_space: gym.Space) -> None:
+        super().__init__(observation_space, get_flattened_obs_dim(observation_space))
+        self.flatten = th.nn.Flatten()
+        self.batch_norm = th.nn.BatchNorm1d(self.features_dim)
+        self.dropout = th.nn.Dropout(0.5)
+
+    def forward(self, observations: th.Tensor) -> th.Tensor:
+        return self.dropout(self.batch_norm(self.flatten(observations)))
+
+
+def batch_norm_model(algorithm: str) -> TRPO:
+    from sb3_contrib.common.envs import InvalidActionEnvDiscrete
+
+    from sb3_trpo_ext import MaskableTRPO, RecurrentTRPO
+
+    kwargs: dict = {
+        "n_steps": 64,
+        "batch_size": 32,
+        "seed": 0,
+        "policy_kwargs": {"net_arch": [16], "features_extractor_class": BatchNormDropoutExtractor},
+    }
+    if algorithm == "MaskableTRPO":
+        return MaskableTRPO("MlpPolicy", InvalidActionEnvDiscrete(dim=20, n_invalid_actions=10), **kwargs)
+    if algorithm == "RecurrentTRPO":
+        return RecurrentTRPO("MlpLstmPolicy", "CartPole-v1", **kwargs)
+    return TRPO("MlpPolicy", "Pendulum-v1", **kwargs)
+
+
+@pytest.mark.parametrize("algorithm", ["TRPO", "MaskableTRPO", "RecurrentTRPO"])
+def test_policy_with_batch_norm_and_dropout_trains(algorithm: str) -> None:
+    # finding the actor's parameters passes one observation through the policy: never through a training-mode
+    # BatchNorm, which rejects a batch of one (sb3-contrib's test_train_eval_mode uses such a policy)
+    model = batch_norm_model(algorithm)
+    model.learn(128)
+    assert model.logger.name_to_value["train/n_updates"] == 2
+    batch_norm = model.policy.features_extractor.batch_norm  # type: ignore[union-attr]
+    assert {id(batch_norm.weight), id(batch_norm.bias)} <= set(map(id, model._actor_params))  # shared: the actor's
+
+
+@pytest.mark.parametrize("algorithm", ["TRPO", "RecurrentTRPO"])
+def test_finding_the_actor_parameters_leaves_no_trace(algorithm: str) -> None:
+    model = batch_norm_model(algorithm)
+    model.policy.set_training_mode(True)
+    model.policy.value_net.eval()  # a mixed state is restored as it was, module by module
+    modes = {name: module.training for name, module in model.policy.named_modules()}
+    batch_norm = model.policy.features_extractor.batch_norm  # type: ignore[union-attr]
+    statistics = [t.clone() for t in (batch_norm.running_mean, batch_norm.running_var, batch_norm.num_batches_tracked)]
+    random_state = th.get_rng_state()
+    observations = th.as_tensor(np.stack([model.observation_space.sample() for _ in range(4)]))
+    model._split_parameters(observations)
+    assert {name: module.training for name, module in model.policy.named_modules()} == modes
+    after = (batch_norm.running_mean, batch_norm.running_var, batch_norm.num_batches_tracked)
+    assert all(th.equal(a, b) for a, b in zip(after, statistics))
+    assert th.equal(th.get_rng_state(), random_state)  # no Dropout mask drawn
 
 
 class CorruptRewards(VecEnvWrapper):

@@ -90,7 +90,7 @@ def split_actor_critic_parameters(
     """
     Split the policy's trainable parameters into actor and critic parameters, by what the outputs depend on.
 
-    One forward pass on ``observations`` builds the graph of the action distribution and of the value;
+    One forward pass on ``observations``, in evaluation mode (each module's mode is restored after it), builds the graph of the action distribution and of the value;
     ``torch.autograd.grad(..., allow_unused=True)`` then tells which parameters each output depends on.
     A parameter that feeds the action distribution is an actor parameter, even if the value also depends on it
     (a features extractor shared between actor and critic): it is moved only by the trust-region step, never by the
@@ -105,12 +105,20 @@ def split_actor_critic_parameters(
     :return: ``(actor_params, critic_params)``, each in the order of ``policy.parameters()``
     """
     params = [p for p in policy.parameters() if p.requires_grad]
-    with th.enable_grad():
-        distribution = distribution_fn() if distribution_fn is not None else policy.get_distribution(observations)
-        dist_tensors = distribution_params(distribution).tensors
-        values = value_fn() if value_fn is not None else policy.predict_values(observations)
-        actor_grads = th.autograd.grad(th.stack([t.sum() for t in dist_tensors]).sum(), params, allow_unused=True)
-        critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
+    # in evaluation mode, as a rollout: the pass must leave no trace (BatchNorm's running statistics, Dropout's
+    # random numbers), and a training-mode BatchNorm cannot take the single sample it is given
+    modes = [(module, module.training) for module in policy.modules()]
+    policy.set_training_mode(False)
+    try:
+        with th.enable_grad():
+            distribution = distribution_fn() if distribution_fn is not None else policy.get_distribution(observations)
+            dist_tensors = distribution_params(distribution).tensors
+            values = value_fn() if value_fn is not None else policy.predict_values(observations)
+            actor_grads = th.autograd.grad(th.stack([t.sum() for t in dist_tensors]).sum(), params, allow_unused=True)
+            critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
+    finally:
+        for module, training in modes:
+            module.training = training
     actor = [p for p, g in zip(params, actor_grads) if g is not None]
     actor_ids = {id(p) for p in actor}
     critic = [p for p, g in zip(params, critic_grads) if g is not None and id(p) not in actor_ids]
