@@ -20,6 +20,8 @@ from gymnasium import spaces
 from sb3_contrib.common.maskable.utils import EXPECTED_METHOD_NAME, get_action_masks
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
 
+from sb3_trpo_ext.common.errors import UnsupportedActionSpaceError
+
 
 def mask_component_sizes(action_space: spaces.Space) -> list[int]:
     """
@@ -34,7 +36,7 @@ def mask_component_sizes(action_space: spaces.Space) -> list[int]:
         return [int(n) for n in np.asarray(action_space.nvec).flatten()]
     if isinstance(action_space, spaces.MultiBinary) and isinstance(action_space.n, (int, np.integer)):
         return [2] * int(action_space.n)
-    raise ValueError(
+    raise UnsupportedActionSpaceError(
         f"Unsupported action space {action_space}: MaskableTRPO supports Discrete, MultiDiscrete and "
         "one-dimensional MultiBinary actions"
     )

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from sb3_trpo_ext.common.contrib_compat import kl_dimension_factor
 from sb3_trpo_ext.common.critic import FastMlpCritic, SavedCritic, optimizer_update
+from sb3_trpo_ext.common.errors import UnsupportedActionSpaceError, UnsupportedObservationSpaceError
 from sb3_trpo_ext.common.lean_policy import (
     PolicyStep,
     make_buffer_add,
@@ -399,16 +400,19 @@ class TRPO(OnPolicyAlgorithm):
 
     @staticmethod
     def _check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
-        """Raise a ``ValueError`` naming an observation or action space TRPO cannot handle."""
+        """
+        Raise a ``ValueError`` naming an observation or action space TRPO cannot handle (also an ``AssertionError``
+        or ``NotImplementedError``, as SB3 raises for them).
+        """
         if not isinstance(action_space, SUPPORTED_ACTION_SPACES):
-            raise ValueError(
+            raise UnsupportedActionSpaceError(
                 f"Unsupported action space {action_space}: TRPO supports Box, Discrete, MultiDiscrete and MultiBinary actions"
             )
         subspaces = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
         if not isinstance(observation_space, SUPPORTED_OBSERVATION_SPACES) or any(
             not isinstance(s, SUPPORTED_OBSERVATION_SPACES) or isinstance(s, spaces.Dict) for s in subspaces
         ):
-            raise ValueError(
+            raise UnsupportedObservationSpaceError(
                 f"Unsupported observation space {observation_space}: TRPO supports Box, Discrete, MultiDiscrete, "
                 "MultiBinary observations, and a Dict of those"
             )
