@@ -224,3 +224,15 @@ def test_critic_overflow_guard_with_optimizers_keeping_their_step_on_the_cpu(opt
     model.learn(128)
     assert model._critic_params and all(p.device.type == "cuda" for p in model._critic_params)
     assert "train/critic_update_skipped" not in model.logger.name_to_value
+
+
+@pytest.mark.parametrize("algorithm", ["TRPO", "MaskableTRPO", "RecurrentTRPO"])
+def test_policy_with_batch_norm_trains_on_cuda(algorithm: str) -> None:
+    # the actor's parameters are found by a forward pass in evaluation mode; for RecurrentTRPO its backward pass
+    # through the LSTM must not reach cuDNN's, which refuses a backward pass in evaluation mode
+    from tests.test_invariants import batch_norm_model
+
+    model = batch_norm_model(algorithm, device="cuda")
+    model.learn(128)
+    assert model.logger.name_to_value["train/n_updates"] == 2
+    assert all(p.device.type == "cuda" for p in model._actor_params)

@@ -262,12 +262,13 @@ class BatchNormDropoutExtractor(BaseFeaturesExtractor):
         return self.dropout(self.batch_norm(self.flatten(observations)))
 
 
-def batch_norm_model(algorithm: str) -> TRPO:
+def batch_norm_model(algorithm: str, device: str = "auto") -> TRPO:
     from sb3_contrib.common.envs import InvalidActionEnvDiscrete
 
     from sb3_trpo_ext import MaskableTRPO, RecurrentTRPO
 
     kwargs: dict = {
+        "device": device,
         "n_steps": 64,
         "batch_size": 32,
         "seed": 0,
