@@ -36,10 +36,12 @@ __all__ = [
     "ZOO_ALGORITHMS",
     "ZooAlgorithm",
     "available_algorithms",
+    "convert_trpo_ext_lstm_params",
     "convert_trpo_ext_params",
     "hyperparams_file",
     "on_zoo_import",
     "register",
+    "sample_trpo_ext_lstm_params",
     "sample_trpo_ext_params",
 ]
 
@@ -81,6 +83,48 @@ def convert_trpo_ext_params(sampled_params: dict[str, Any]) -> dict[str, Any]:
     return convert_onpolicy_params(sampled_params)
 
 
+#: The LSTM sizes ``--algo trpo_ext_lstm`` tunes over (the values RL Zoo's commented-out RecurrentPPO space lists,
+#: without 512).
+LSTM_HIDDEN_SIZES = (16, 32, 64, 128, 256)
+#: Keys of the stored trial parameters that go into ``policy_kwargs`` of a recurrent policy as they are.
+_LSTM_KEYS = ("lstm_hidden_size", "enable_critic_lstm")
+
+
+def sample_trpo_ext_lstm_params(
+    trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict[str, Any]
+) -> dict[str, Any]:
+    """
+    Optuna sampler for ``--algo trpo_ext_lstm``: the TRPO search space, plus the LSTM's size and whether the critic
+    has an LSTM of its own. The sampled ``policy_kwargs`` replace those of the hyperparameter entry as a whole, so
+    without them every trial would run sb3-contrib's default of 256 LSTM units (as the zoo's ``ppo_lstm`` sampler,
+    which samples neither, does).
+
+    :param trial: the Optuna trial to sample from.
+    :param n_actions: dimension of a continuous action space (0 otherwise), as passed by the zoo.
+    :param n_envs: number of parallel environments, as passed by the zoo.
+    :param additional_args: the zoo's extra sampler arguments, as passed by the zoo.
+    :return: keyword arguments for the algorithm's constructor.
+    """
+    hyperparams = sample_trpo_ext_params(trial, n_actions, n_envs, additional_args)
+    hyperparams["policy_kwargs"].update(
+        lstm_hidden_size=trial.suggest_categorical("lstm_hidden_size", LSTM_HIDDEN_SIZES),
+        enable_critic_lstm=trial.suggest_categorical("enable_critic_lstm", [False, True]),
+    )
+    return hyperparams
+
+
+def convert_trpo_ext_lstm_params(sampled_params: dict[str, Any]) -> dict[str, Any]:
+    """
+    :param sampled_params: ``trial.params`` of a trial sampled by :func:`sample_trpo_ext_lstm_params`.
+    :return: keyword arguments for the algorithm's constructor (``--trial-id``).
+    """
+    params = dict(sampled_params)
+    lstm = {key: params.pop(key) for key in _LSTM_KEYS if key in params}
+    hyperparams = convert_trpo_ext_params(params)
+    hyperparams["policy_kwargs"].update(lstm)
+    return hyperparams
+
+
 @dataclass(frozen=True)
 class ZooAlgorithm:
     """
@@ -111,7 +155,7 @@ class ZooAlgorithm:
 ZOO_ALGORITHMS: tuple[ZooAlgorithm, ...] = (
     ZooAlgorithm("trpo_ext", "TRPO"),
     ZooAlgorithm("trpo_ext_mask", "MaskableTRPO", masked_evaluation=True),
-    ZooAlgorithm("trpo_ext_lstm", "RecurrentTRPO"),
+    ZooAlgorithm("trpo_ext_lstm", "RecurrentTRPO", sample_trpo_ext_lstm_params, convert_trpo_ext_lstm_params),
 )
 
 

@@ -172,21 +172,32 @@ def zoo_facts(log_folder: str) -> dict[str, Any]:
             finally:
                 env.close()
 
-    # What the zoo's TRPO search space proposes builds a TRPO, and `--trial-id` reloads the same arguments.
+    # What the zoo's TRPO search space proposes builds a TRPO, and `--trial-id` reloads the same arguments; for the
+    # LSTM key, the sampled LSTM size and critic LSTM reach the policy.
     sampler_failures = []
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
-    for _ in range(8):
-        trial = study.ask()
-        proposed = HYPERPARAMS_SAMPLER["trpo_ext"](trial, 1, 2, {})
-        try:
-            if HYPERPARAMS_CONVERTER["trpo_ext"](trial.params) != proposed:
-                raise ValueError("the converter does not give back the sampled arguments")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "mini-batch size ... truncated": the zoo's space allows it
-                TRPO("MlpPolicy", "Pendulum-v1", device="cpu", **proposed)
-        except Exception as error:
-            sampler_failures.append(f"{trial.params}: {type(error).__name__}: {error}")
-        study.tell(trial, 0.0)
+    for key in ("trpo_ext", "trpo_ext_lstm"):
+        if key not in HYPERPARAMS_SAMPLER:
+            continue
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+        for _ in range(8):
+            trial = study.ask()
+            proposed = HYPERPARAMS_SAMPLER[key](trial, 1, 2, {})
+            try:
+                if HYPERPARAMS_CONVERTER[key](trial.params) != proposed:
+                    raise ValueError("the converter does not give back the sampled arguments")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "mini-batch size ... truncated": the zoo's space allows it
+                    model = ALGOS[key](
+                        "MlpLstmPolicy" if key == "trpo_ext_lstm" else "MlpPolicy", "Pendulum-v1", device="cpu", **proposed
+                    )
+                if key == "trpo_ext_lstm":
+                    sampled = (trial.params["lstm_hidden_size"], trial.params["enable_critic_lstm"])
+                    built = (model.policy.lstm_actor.hidden_size, model.policy.lstm_critic is not None)
+                    if sampled != built:
+                        raise ValueError(f"sampled (LSTM size, critic LSTM) {sampled}, built {built}")
+            except Exception as error:
+                sampler_failures.append(f"{key} {trial.params}: {type(error).__name__}: {error}")
+            study.tell(trial, 0.0)
 
     return {
         "algos": {key: name(algorithm) for key, algorithm in ALGOS.items()},
@@ -222,6 +233,9 @@ def test_zoo_keys(facts: dict[str, Any]) -> None:
     for key in ("trpo_ext_mask", "trpo_ext_lstm"):
         assert (key in facts["algos"]) == (key in available_algorithms())
         assert (key in facts["samplers"]) == (key in available_algorithms())
+    if "trpo_ext_lstm" in facts["samplers"]:  # the LSTM's own search space, not the feed-forward one
+        assert facts["samplers"]["trpo_ext_lstm"] == "sb3_trpo_ext.zoo.sample_trpo_ext_lstm_params"
+        assert facts["converters"]["trpo_ext_lstm"] == "sb3_trpo_ext.zoo.convert_trpo_ext_lstm_params"
 
 
 def test_experiment_manager_reads_the_packaged_file_only_for_our_keys(facts: dict[str, Any]) -> None:

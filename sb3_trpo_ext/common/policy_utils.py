@@ -90,7 +90,8 @@ def split_actor_critic_parameters(
     """
     Split the policy's trainable parameters into actor and critic parameters, by what the outputs depend on.
 
-    One forward pass on ``observations``, in evaluation mode (each module's mode is restored after it), builds the graph of the action distribution and of the value;
+    One forward pass on ``observations``, in evaluation mode (each module's mode is restored after it), builds the
+    graph of the action distribution and of the value;
     ``torch.autograd.grad(..., allow_unused=True)`` then tells which parameters each output depends on.
     A parameter that feeds the action distribution is an actor parameter, even if the value also depends on it
     (a features extractor shared between actor and critic): it is moved only by the trust-region step, never by the
