@@ -165,6 +165,15 @@ def test_tensorboard_and_csv_logging_record_the_diagnostics(tmp_path: os.PathLik
         assert key in header, key
 
 
+def test_tensorboard_runs_are_told_apart_from_sb3_contribs(tmp_path: os.PathLike) -> None:
+    pytest.importorskip("tensorboard")
+    from sb3_contrib import TRPO as ContribTRPO
+
+    for cls in (ContribTRPO, TRPO, TRPO):  # one shared folder, as RL Zoo's -tb gives both --algo trpo and trpo_ext
+        cls("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32, policy_kwargs=TINY, tensorboard_log=str(tmp_path)).learn(32)
+    assert sorted(os.listdir(tmp_path)) == ["TRPO_1", "TRPO_ext_1", "TRPO_ext_2"]
+
+
 def test_continued_training_keeps_counting() -> None:
     model = TRPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32, policy_kwargs=TINY)
     model.learn(64)

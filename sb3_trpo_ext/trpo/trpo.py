@@ -895,7 +895,7 @@ class TRPO(OnPolicyAlgorithm):
         total_timesteps: int | float,
         callback: MaybeCallback = None,
         log_interval: int = 1,
-        tb_log_name: str = "TRPO",
+        tb_log_name: str = "TRPO_ext",
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfTRPO:
@@ -905,7 +905,9 @@ class TRPO(OnPolicyAlgorithm):
         :param total_timesteps: The total number of samples (env steps) to train on
         :param callback: Callback(s) called at every step with state of the algorithm
         :param log_interval: The number of rollouts before logging
-        :param tb_log_name: The name of the run for TensorBoard logging
+        :param tb_log_name: The name of the run for TensorBoard logging: runs go to ``<tensorboard_log>/TRPO_ext_<n>``
+            by default, beside sb3-contrib's ``TRPO_<n>`` in a shared folder (RL Zoo's ``-tb`` shares one per
+            environment), not numbered among them
         :param reset_num_timesteps: Whether or not to reset the current timestep number (used in logging)
         :param progress_bar: Display a progress bar using tqdm and rich
         :return: The trained model
