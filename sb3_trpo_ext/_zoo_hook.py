@@ -40,16 +40,25 @@ REGISTRAR = "sb3_trpo_ext.zoo"
 _MARKER = "_sb3_trpo_ext_zoo_hook"
 
 
+#: whether a failed registration has been reported: each of the :data:`TARGET_MODULES` an rl_zoo3 script imports
+#: would report the same failure again.
+_warned = False
+
+
 def _register(module: ModuleType) -> None:
     """
-    Hand a freshly executed rl_zoo3 module to the registrar; never raise.
+    Hand a freshly executed rl_zoo3 module to the registrar; never raise, and warn once per process.
 
     :param module: the rl_zoo3 module that has just been executed.
     """
+    global _warned
     try:
         __import__(REGISTRAR)
         sys.modules[REGISTRAR].on_zoo_import(module)
     except Exception as error:
+        if _warned:
+            return
+        _warned = True
         import warnings
 
         warnings.warn(

@@ -275,7 +275,7 @@ def test_broken_package_leaves_the_zoo_working(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "could not register its algorithms with RL Zoo" in result.stderr
+    assert result.stderr.count("could not register its algorithms with RL Zoo") == 1  # not once per zoo module
 
 
 @pytest.mark.slow
