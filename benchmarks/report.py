@@ -347,7 +347,7 @@ def holm_adjusted(p_values: list[float]) -> list[float]:
 
     :param p_values: the unadjusted p-values.
     :return: the adjusted p-values, in the same order: the k-th smallest of m becomes the largest of
-        ``min(1, (m - j) * p_(j))`` over the j-th smallest, j < k (0-based), which keeps their order.
+        ``min(1, (m - j) * p_(j))`` over the j-th smallest, j <= k (0-based), which keeps their order.
     """
     order = np.argsort(p_values, kind="stable")
     adjusted = [0.0] * len(p_values)

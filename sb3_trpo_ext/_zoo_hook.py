@@ -40,25 +40,25 @@ REGISTRAR = "sb3_trpo_ext.zoo"
 _MARKER = "_sb3_trpo_ext_zoo_hook"
 
 
-#: whether a failed registration has been reported: each of the :data:`TARGET_MODULES` an rl_zoo3 script imports
-#: would report the same failure again.
-_warned = False
+#: the failures already reported: each of the :data:`TARGET_MODULES` an rl_zoo3 script imports would report the same
+#: failure again (a different one is still reported).
+_reported: set[str] = set()
 
 
 def _register(module: ModuleType) -> None:
     """
-    Hand a freshly executed rl_zoo3 module to the registrar; never raise, and warn once per process.
+    Hand a freshly executed rl_zoo3 module to the registrar; never raise, and report each failure once.
 
     :param module: the rl_zoo3 module that has just been executed.
     """
-    global _warned
     try:
         __import__(REGISTRAR)
         sys.modules[REGISTRAR].on_zoo_import(module)
     except Exception as error:
-        if _warned:
+        failure = f"{type(error).__name__}: {error}"
+        if failure in _reported:
             return
-        _warned = True
+        _reported.add(failure)
         import warnings
 
         warnings.warn(

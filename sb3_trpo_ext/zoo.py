@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HYPERPARAMS_DIR",
+    "LSTM_HIDDEN_SIZES",
     "ZOO_ALGORITHMS",
     "ZooAlgorithm",
     "available_algorithms",

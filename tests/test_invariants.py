@@ -282,7 +282,7 @@ def batch_norm_model(algorithm: str, device: str = "auto") -> TRPO:
 
 
 @pytest.mark.parametrize("algorithm", ["TRPO", "MaskableTRPO", "RecurrentTRPO"])
-def test_policy_with_batch_norm_and_dropout_trains(algorithm: str) -> None:
+def test_policy_with_batch_norm_and_dropout_runs_its_updates(algorithm: str) -> None:
     # finding the actor's parameters passes one observation through the policy: never through a training-mode
     # BatchNorm, which rejects a batch of one (sb3-contrib's test_train_eval_mode uses such a policy)
     model = batch_norm_model(algorithm)
@@ -297,6 +297,9 @@ def test_finding_the_actor_parameters_leaves_no_trace(algorithm: str) -> None:
     model = batch_norm_model(algorithm)
     model.policy.set_training_mode(True)
     model.policy.value_net.eval()  # a mixed state is restored as it was, module by module
+    extractor = model.policy.features_extractor
+    train_calls: list[bool] = []
+    extractor.train = lambda mode=True: train_calls.append(mode) or BatchNormDropoutExtractor.train(extractor, mode)  # type: ignore[method-assign]
     modes = {name: module.training for name, module in model.policy.named_modules()}
     batch_norm = model.policy.features_extractor.batch_norm  # type: ignore[union-attr]
     statistics = [t.clone() for t in (batch_norm.running_mean, batch_norm.running_var, batch_norm.num_batches_tracked)]
@@ -304,9 +307,30 @@ def test_finding_the_actor_parameters_leaves_no_trace(algorithm: str) -> None:
     observations = th.as_tensor(np.stack([model.observation_space.sample() for _ in range(4)]))
     model._split_parameters(observations)
     assert {name: module.training for name, module in model.policy.named_modules()} == modes
+    assert train_calls[-1] is True  # restored through the module's own train(), which a subclass may extend
     after = (batch_norm.running_mean, batch_norm.running_var, batch_norm.num_batches_tracked)
     assert all(th.equal(a, b) for a, b in zip(after, statistics))
     assert th.equal(th.get_rng_state(), random_state)  # no Dropout mask drawn
+
+
+class TrainingNoiseExtractor(BaseFeaturesExtractor):
+    """Adds learned noise in training mode only (a NoisyNet-style scale): its parameter feeds the policy step."""
+
+    def __init__(self, observation_space: gym.Space) -> None:
+        super().__init__(observation_space, get_flattened_obs_dim(observation_space))
+        self.scale = th.nn.Parameter(th.full((self.features_dim,), 0.1))
+
+    def forward(self, observations: th.Tensor) -> th.Tensor:
+        features = th.flatten(observations, start_dim=1)
+        return features + self.scale * th.randn_like(features) if self.training else features
+
+
+def test_a_parameter_used_only_in_training_mode_is_an_actor_parameter() -> None:
+    policy_kwargs = {"net_arch": [16], "features_extractor_class": TrainingNoiseExtractor}
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, seed=0, policy_kwargs=policy_kwargs)
+    scale = model.policy.features_extractor.scale  # type: ignore[union-attr]
+    actor, critic = model._split_parameters(th.zeros((1, 3)))
+    assert any(p is scale for p in actor) and not any(p is scale for p in critic)
 
 
 class CorruptRewards(VecEnvWrapper):

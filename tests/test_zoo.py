@@ -278,6 +278,20 @@ def test_broken_package_leaves_the_zoo_working(tmp_path: Path) -> None:
     assert result.stderr.count("could not register its algorithms with RL Zoo") == 1  # not once per zoo module
 
 
+def test_each_distinct_registration_failure_is_reported(tmp_path: Path) -> None:
+    code = (
+        "import sys, types, warnings; warnings.simplefilter('always')\n"
+        "registrar = types.ModuleType('sb3_trpo_ext.zoo'); sys.modules['sb3_trpo_ext.zoo'] = registrar\n"
+        "def on_zoo_import(module): raise RuntimeError(f'cannot handle {module.__name__}')\n"
+        "registrar.on_zoo_import = on_zoo_import\n"
+        "import rl_zoo3.exp_manager\n"  # imports rl_zoo3.utils and rl_zoo3.hyperparams_opt too
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in ("rl_zoo3.utils", "rl_zoo3.hyperparams_opt", "rl_zoo3.exp_manager"):
+        assert result.stderr.count(f"RuntimeError: cannot handle {name})") == 1, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_register_by_hand_without_the_start_up_hook(tmp_path: Path) -> None:
     code = (

@@ -84,45 +84,58 @@ def distribution_params(distribution: Distribution) -> DistParams:
 def split_actor_critic_parameters(
     policy: ActorCriticPolicy,
     observations: PyTorchObs,
-    distribution_fn: Callable[[], Distribution] | None = None,
-    value_fn: Callable[[], th.Tensor] | None = None,
+    distribution_fn: Callable[[PyTorchObs], Distribution] | None = None,
+    value_fn: Callable[[PyTorchObs], th.Tensor] | None = None,
 ) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
     """
     Split the policy's trainable parameters into actor and critic parameters, by what the outputs depend on.
 
-    One forward pass on ``observations``, in evaluation mode (each module's mode is restored after it), builds the
-    graph of the action distribution and of the value;
-    ``torch.autograd.grad(..., allow_unused=True)`` then tells which parameters each output depends on.
+    Forward passes build the graph of the action distribution and of the value, and
+    ``torch.autograd.grad(..., allow_unused=True)`` tells which parameters each output depends on.
     A parameter that feeds the action distribution is an actor parameter, even if the value also depends on it
     (a features extractor shared between actor and critic): it is moved only by the trust-region step, never by the
     critic's regression, so the KL constraint holds for every step of the policy. The critic parameters are those
     that feed the value and not the action distribution.
 
+    There are two passes, on the first observation twice (a training-mode BatchNorm cannot take one sample): in
+    evaluation mode, as rollouts act, and in training mode, as ``train()`` computes the step; a dependency in either
+    counts (a parameter used only in one mode, as in an ``if self.training`` branch, is not left out). Neither pass
+    leaves a trace: each module's mode is restored (by its ``train``), the buffers (BatchNorm's running statistics)
+    are copied back, and the random number generators of the CPU and the parameters' GPUs are restored (Dropout).
+
     :param policy: The actor-critic policy
-    :param observations: A batch of observations (one sample is enough)
-    :param distribution_fn: The forward pass to the action distribution (default:
-        ``policy.get_distribution(observations)``; recurrent policies pass their own, with hidden states)
-    :param value_fn: The forward pass to the value (default: ``policy.predict_values(observations)``)
+    :param observations: A batch of observations (the first is used)
+    :param distribution_fn: ``observations -> `` the action distribution (default: ``policy.get_distribution``;
+        recurrent policies pass their own, with hidden states for as many rows as given)
+    :param value_fn: ``observations -> `` the value (default: ``policy.predict_values``)
     :return: ``(actor_params, critic_params)``, each in the order of ``policy.parameters()``
     """
     params = [p for p in policy.parameters() if p.requires_grad]
-    # in evaluation mode, as a rollout: the pass must leave no trace (BatchNorm's running statistics, Dropout's
-    # random numbers), and a training-mode BatchNorm cannot take the single sample it is given
+    rows = index_observations(observations, th.zeros(2, dtype=th.long, device=policy.device))
     modes = [(module, module.training) for module in policy.modules()]
-    policy.set_training_mode(False)
+    buffers = [(buffer, buffer.detach().clone()) for buffer in policy.buffers()]
+    gpus = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    actor_ids: set[int] = set()
+    value_ids: set[int] = set()
     try:
-        with th.enable_grad():
-            distribution = distribution_fn() if distribution_fn is not None else policy.get_distribution(observations)
-            dist_tensors = distribution_params(distribution).tensors
-            values = value_fn() if value_fn is not None else policy.predict_values(observations)
-            actor_grads = th.autograd.grad(th.stack([t.sum() for t in dist_tensors]).sum(), params, allow_unused=True)
-            critic_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
+        with th.random.fork_rng(devices=gpus), th.enable_grad():
+            for training in (False, True):
+                policy.set_training_mode(training)
+                distribution = distribution_fn(rows) if distribution_fn is not None else policy.get_distribution(rows)
+                dist_tensors = distribution_params(distribution).tensors
+                values = value_fn(rows) if value_fn is not None else policy.predict_values(rows)
+                actor_grads = th.autograd.grad(th.stack([t.sum() for t in dist_tensors]).sum(), params, allow_unused=True)
+                value_grads = th.autograd.grad(values.sum(), params, allow_unused=True)
+                actor_ids.update(id(p) for p, g in zip(params, actor_grads) if g is not None)
+                value_ids.update(id(p) for p, g in zip(params, value_grads) if g is not None)
     finally:
-        for module, training in modes:
-            module.training = training
-    actor = [p for p, g in zip(params, actor_grads) if g is not None]
-    actor_ids = {id(p) for p in actor}
-    critic = [p for p, g in zip(params, critic_grads) if g is not None and id(p) not in actor_ids]
+        for module, training in modes:  # parents first: each module ends in its own mode, through its own train()
+            module.train(training)
+        with th.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    actor = [p for p in params if id(p) in actor_ids]
+    critic = [p for p in params if id(p) in value_ids and id(p) not in actor_ids]
     if not actor:
         raise ValueError("the policy's action distribution does not depend on any trainable parameter")
     return actor, critic

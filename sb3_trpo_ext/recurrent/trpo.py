@@ -346,17 +346,18 @@ class RecurrentTRPO(TRPO):
     def _split_parameters(self, observations: PyTorchObs) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
         """Actor and critic parameters found by structure, as in TRPO, through the recurrent forward passes."""
         if self._actor_params is None or self._critic_params is None:
-            one = index_observations(observations, slice(0, 1))
-            lstm = self.policy.lstm_actor
-            zeros = th.zeros((lstm.num_layers, 1, lstm.hidden_size), device=self.device)
-            start = th.zeros(1, device=self.device)
-            policy = self.policy
-            self._actor_params, self._critic_params = split_actor_critic_parameters(
-                policy,
-                one,
-                distribution_fn=lambda: policy.get_distribution(one, (zeros, zeros), start)[0],  # type: ignore[arg-type]
-                value_fn=lambda: policy.predict_values(one, (zeros, zeros), start),  # type: ignore[arg-type]
-            )
+            policy, lstm = self.policy, self.policy.lstm_actor
+            zeros = th.zeros((lstm.num_layers, 2, lstm.hidden_size), device=self.device)  # the split passes two rows
+            start = th.zeros(2, device=self.device)
+            # cuDNN refuses a backward pass through an LSTM in evaluation mode, one of the split's passes
+            cuda = self.device.type == "cuda"
+            with process_wide(th.backends.cudnn, "enabled", False) if cuda else nullcontext():
+                self._actor_params, self._critic_params = split_actor_critic_parameters(
+                    policy,
+                    observations,
+                    distribution_fn=lambda rows: policy.get_distribution(rows, (zeros, zeros), start)[0],  # type: ignore[arg-type]
+                    value_fn=lambda rows: policy.predict_values(rows, (zeros, zeros), start),  # type: ignore[arg-type]
+                )
         return self._actor_params, self._critic_params
 
     def _sequence_batch(self) -> SequenceBatch:

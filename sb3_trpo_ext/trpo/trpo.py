@@ -553,8 +553,7 @@ class TRPO(OnPolicyAlgorithm):
     def _split_parameters(self, observations: PyTorchObs) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
         """Actor and critic parameters of the current policy, found once by structure (see the class docstring)."""
         if self._actor_params is None or self._critic_params is None:
-            one = index_observations(observations, slice(0, 1))
-            self._actor_params, self._critic_params = split_actor_critic_parameters(self.policy, one)
+            self._actor_params, self._critic_params = split_actor_critic_parameters(self.policy, observations)
         return self._actor_params, self._critic_params
 
     def _surrogate(
