@@ -445,3 +445,132 @@ def test_rollout_samples_with_the_log_std_a_callback_sets_at_rollout_start(use_s
     assert len(callback.gaps) == 128 // 2
     assert max(callback.gaps) <= 1e-3  # the stored log-probabilities are those of the new std
     assert max(callback.noise) <= 0.05  # and the actions were drawn with it (std exp(-8) = 3e-4, the old one 1 or more)
+
+
+def test_an_optimizer_holding_part_of_the_critic_updates_only_that_part(tmp_path) -> None:
+    # Fine-tuning the value head alone: the written-out critic fit must not update (or add Adam state for) the
+    # critic's hidden layers, which the optimizer does not hold; the model still saves
+    model = TRPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), n_steps=64, batch_size=64, seed=0)
+    head = list(model.policy.value_net.parameters())
+    model.policy.optimizer = th.optim.Adam(head, lr=1e-3)
+    hidden = list(model.policy.mlp_extractor.value_net.parameters())
+    hidden_before, head_before = [p.detach().clone() for p in hidden], [p.detach().clone() for p in head]
+    model.learn(128)
+    assert all(th.equal(a, b) for a, b in zip(hidden_before, hidden))
+    assert not all(th.equal(a, b) for a, b in zip(head_before, head))
+    assert set(model.policy.optimizer.state) == set(head)
+    model.save(tmp_path / "model")  # (the optimizer's state_dict holds only its own parameters' state)
+    assert (tmp_path / "model.zip").exists()
+
+
+class HookCounter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, module: th.nn.Module, args: tuple, output: th.Tensor) -> None:
+        self.calls += 1
+
+
+def _model_with_hooked_heads(algorithm: str) -> tuple[TRPO, HookCounter, HookCounter]:
+    from sb3_trpo_ext import MaskableTRPO, RecurrentTRPO
+
+    env = make_vec_env(_maskable_cartpole if algorithm == "MaskableTRPO" else "CartPole-v1", n_envs=2, seed=0)
+    cls = {"TRPO": TRPO, "MaskableTRPO": MaskableTRPO, "RecurrentTRPO": RecurrentTRPO}[algorithm]
+    policy = "MlpLstmPolicy" if algorithm == "RecurrentTRPO" else "MlpPolicy"
+    model = cls(policy, env, n_steps=32, batch_size=32, n_critic_updates=3, seed=0)
+    actor_calls, critic_calls = HookCounter(), HookCounter()
+    model.policy.action_net.register_forward_hook(actor_calls)
+    model.policy.value_net.register_forward_hook(critic_calls)
+    return model, actor_calls, critic_calls
+
+
+@pytest.mark.parametrize("algorithm", ["TRPO", "MaskableTRPO", "RecurrentTRPO"])
+def test_module_hooks_run_at_every_rollout_step_and_critic_minibatch(algorithm: str) -> None:
+    # Activation logging by forward hooks: the written-out passes would skip them, so a hooked policy takes the
+    # generic path, which calls its modules (two rollouts of 32 steps, each followed by an update: 3 critic epochs
+    # of 2 minibatches)
+    model, actor_calls, critic_calls = _model_with_hooked_heads(algorithm)
+    model.learn(128)
+    assert actor_calls.calls >= 2 * 32
+    assert critic_calls.calls >= 2 * 32 + 2 * 3 * 2
+
+
+class StoredLogProbGap(BaseCallback):
+    """At each rollout's end (before the update): the stored log-probabilities against the policy's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gaps: list[float] = []
+
+    def _on_rollout_end(self) -> None:
+        buffer = self.model.rollout_buffer
+        n = buffer.buffer_size * buffer.n_envs
+        with th.no_grad():
+            _, log_prob, _ = self.model.policy.evaluate_actions(
+                th.as_tensor(buffer.observations.reshape(n, -1)), th.as_tensor(buffer.actions.reshape(n, -1))
+            )
+        self.gaps.append(float(np.abs(log_prob.numpy() - buffer.log_probs.reshape(n)).max()))
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def test_a_pre_hook_that_rewrites_observations_is_what_the_rollout_acts_on() -> None:
+    # The stored log-probabilities are those of the policy the update differentiates (which calls the hook)
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), n_steps=32, batch_size=64, seed=0)
+    model.policy.mlp_extractor.register_forward_pre_hook(lambda module, args: (args[0] * 0.0,))
+    gaps = StoredLogProbGap()
+    model.learn(128, callback=gaps)  # two rollouts, the second after an update
+    assert len(gaps.gaps) == 2 and max(gaps.gaps) < 1e-5
+
+
+def test_hooks_added_between_learn_calls_switch_to_the_generic_fisher_product_and_critic_fit() -> None:
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=128, batch_size=64, seed=0)
+    model.learn(128)
+    assert isinstance(model._mlp_fisher, MlpFisher) and isinstance(model._fast_critic, FastMlpCritic)
+    handle = th.nn.utils.spectral_norm(model.policy.action_net)  # noqa: F841 (a forward pre-hook on the layer)
+    model.learn(128, reset_num_timesteps=False)
+    assert model._mlp_fisher is False and model._fast_critic is False
+    assert make_lean_policy_step(model.policy, model.action_space, False) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "forward_hook",
+        "forward_pre_hook",
+        "full_backward_hook",
+        "global_forward_hook",
+        "parametrization",
+        "instance_forward",
+        "grad_hook",
+    ],
+)
+def test_runs_as_defined_detects_what_the_written_out_passes_would_skip(change: str) -> None:
+    from sb3_trpo_ext.common.policy_utils import runs_as_defined
+
+    net = th.nn.Sequential(th.nn.Linear(3, 4), th.nn.Tanh(), th.nn.Linear(4, 1))
+    assert runs_as_defined(net)
+    layer = net[2]
+    handle = None
+    if change == "forward_hook":
+        handle = layer.register_forward_hook(lambda m, a, o: None)
+    elif change == "forward_pre_hook":
+        handle = layer.register_forward_pre_hook(lambda m, a: None)
+    elif change == "full_backward_hook":
+        handle = layer.register_full_backward_hook(lambda m, gi, go: None)
+    elif change == "global_forward_hook":
+        handle = th.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    elif change == "parametrization":
+        th.nn.utils.parametrizations.weight_norm(layer)
+    elif change == "instance_forward":
+        layer.forward = lambda x: x  # type: ignore[method-assign]
+    else:
+        handle = layer.weight.register_hook(lambda grad: grad * 2)
+    try:
+        assert not runs_as_defined(net)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if handle is not None:
+        assert runs_as_defined(net)

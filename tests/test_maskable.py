@@ -146,6 +146,41 @@ def test_predict_rejects_masks_for_another_number_of_observations(kind: str) -> 
         model.predict(obs, action_masks=np.stack([mask, mask]))
 
 
+def test_predict_with_masks_takes_observations_as_lists_and_python_numbers_as_sb3_does() -> None:
+    # SB3's predict turns lists, tuples and numbers into arrays; counting the observations must do so too
+    env = InvalidActionEnvDiscrete(dim=10, n_invalid_actions=3)
+    model = MaskableTRPO("MlpPolicy", env, n_steps=64, batch_size=64, policy_kwargs=TINY, seed=0)
+    obs, _ = env.reset(seed=0)
+    mask = np.asarray(get_action_masks(env))
+    expected, _ = model.predict(obs, action_masks=mask, deterministic=True)
+    assert model.predict(obs.tolist(), action_masks=mask, deterministic=True)[0] == expected
+    batch, _ = model.predict([obs.tolist()] * 2, action_masks=np.stack([mask] * 2), deterministic=True)
+    assert batch.tolist() == [expected] * 2
+    dict_model = MaskableTRPO("MultiInputPolicy", DiscreteDictMaskedEnv(), n_steps=64, batch_size=64, policy_kwargs=TINY)
+    dict_action, _ = dict_model.predict({"position": 2, "goal": [1.0]}, action_masks=np.array([True, False, True]))
+    assert dict_action in (0, 2)
+
+
+class DiscreteDictMaskedEnv(gym.Env):
+    """Dict observations with a Discrete entry, which a raw env returns as a Python int."""
+
+    def __init__(self) -> None:
+        self.observation_space = gym.spaces.Dict(
+            {"position": gym.spaces.Discrete(4), "goal": gym.spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)}
+        )
+        self.action_space = gym.spaces.Discrete(3)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        return {"position": 0, "goal": np.zeros(1, dtype=np.float32)}, {}
+
+    def step(self, action: int) -> tuple[dict, float, bool, bool, dict]:
+        return {"position": 0, "goal": np.zeros(1, dtype=np.float32)}, 0.0, True, False, {}
+
+    def action_masks(self) -> np.ndarray:
+        return np.array([True, False, True])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_masked_actions_have_exactly_zero_probability_after_updates(kind: str) -> None:
     model = collected(kind, target_kl=0.1)
@@ -316,13 +351,13 @@ class NoValidActionInEnvOne(gym.Wrapper):
         return [False] * len(masks) if self.broken else masks
 
 
-def test_a_mask_without_valid_action_raises_naming_the_environment_index() -> None:
+def test_a_mask_without_valid_action_raises_naming_the_environment_or_observation_index() -> None:
     env = DummyVecEnv([lambda i=i: NoValidActionInEnvOne(make_masked_env("discrete"), broken=i == 1) for i in range(3)])
     model = MaskableTRPO("MlpPolicy", env, n_steps=16, batch_size=16, policy_kwargs=TINY, seed=0)
     with pytest.raises(ValueError, match="environment index 1 has no valid action"):
         model.learn(48)
     obs = env.reset()
-    with pytest.raises(ValueError, match="environment index 1 has no valid action"):
+    with pytest.raises(ValueError, match="The action mask of observation index 1 has no valid action"):
         model.predict(obs, action_masks=get_action_masks(env))
 
 
@@ -330,7 +365,7 @@ def test_a_multidiscrete_mask_with_an_empty_component_raises() -> None:
     model = MaskableTRPO("MlpPolicy", make_masked_env("multidiscrete"), n_steps=16, batch_size=16, policy_kwargs=TINY)
     mask = np.ones(7, dtype=bool)
     mask[3:] = False  # the second component (4 outcomes) has none left
-    with pytest.raises(ValueError, match=r"environment index 0 has no valid action \(action component 1\)"):
+    with pytest.raises(ValueError, match=r"observation index 0 has no valid action \(action component 1\)"):
         model.predict(model.observation_space.sample(), action_masks=mask)
 
 

@@ -206,3 +206,56 @@ def test_trpo_needs_no_sb3_contrib_and_the_extras_say_what_they_need() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "needs sb3-contrib" in result.stdout
+
+
+@pytest.mark.parametrize("algorithm", ["TRPO", "TRPO-gSDE", "RecurrentTRPO"])
+def test_train_std_is_the_policys_after_the_update(algorithm: str) -> None:
+    # As SB3's PPO and sb3-contrib's TRPO: exp(log_std).mean() of the policy the update leaves, not the one before
+    import torch as th
+
+    from sb3_trpo_ext import RecurrentTRPO
+
+    if algorithm == "RecurrentTRPO":
+        model: TRPO = RecurrentTRPO("MlpLstmPolicy", "Pendulum-v1", n_steps=64, batch_size=64, seed=0)
+    else:
+        model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=64, use_sde=algorithm == "TRPO-gSDE", seed=0)
+    before = th.exp(model.policy.log_std).mean().item()
+    model.learn(64)  # one rollout, one update; the update's records stay until the next rollout dumps them
+    after = th.exp(model.policy.log_std).mean().item()
+    assert after != before
+    assert model.logger.name_to_value["train/std"] == after
+
+
+def test_a_fractional_total_timesteps_trains_as_sb3_does() -> None:
+    # SB3's loop runs while num_timesteps < total_timesteps: 96.5 steps need four rollouts of 32, as 97 do
+    model = TRPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), n_steps=16, batch_size=32, seed=0)
+    model.learn(96.5)
+    assert model.num_timesteps == 128 and model._total_timesteps == 96.5
+
+
+def test_a_subclass_overriding_sb3_contribs_methods_is_warned_that_they_are_not_called() -> None:
+    class ContribStyle(TRPO):
+        def hessian_vector_product(self, *args: object, **kwargs: object) -> None:
+            raise AssertionError("not called")
+
+    with pytest.warns(UserWarning, match=r"ContribStyle defines hessian_vector_product: sb3-contrib's TRPO calls"):
+        ContribStyle("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32)
+
+
+def test_an_env_sb3_converts_is_checked_after_the_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An OpenAI Gym env has spaces of another library, which SB3 converts (with shimmy) before anything reads them
+    import stable_baselines3.common.base_class as base_class
+
+    class LegacySpace:
+        """Not a Gymnasium space."""
+
+    class LegacyEnv:
+        observation_space, action_space = LegacySpace(), LegacySpace()
+
+    def convert(env: object) -> gym.Env:
+        return gym.make("CartPole-v1") if isinstance(env, LegacyEnv) else env  # type: ignore[return-value]
+
+    monkeypatch.setattr(base_class, "_patch_env", convert)
+    model = TRPO("MlpPolicy", LegacyEnv(), n_steps=32, batch_size=32)  # type: ignore[arg-type]
+    assert isinstance(model.action_space, gym.spaces.Discrete)
+    model.learn(32)

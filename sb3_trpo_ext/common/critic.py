@@ -85,6 +85,12 @@ def fused_adam_compatible(optimizer: th.optim.Optimizer) -> bool:
     return True
 
 
+def holds_all(optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]) -> bool:
+    """Whether the optimizer holds every one of ``params`` (a user's optimizer may hold only some of the critic)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return all(id(p) in held for p in params)
+
+
 class FusedAdam:
     """
     ``optimizer.step()`` of a :func:`fused_adam_compatible` Adam for given gradients: PyTorch's fused Adam kernel
@@ -104,8 +110,7 @@ class FusedAdam:
         """:return: The fused step, or ``None`` where ``optimizer.step()`` must be used"""
         if not fused_adam_compatible(optimizer) or any(p.dtype != th.float32 or p.is_sparse for p in params):
             return None
-        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if not all(id(p) in optimized for p in params):
+        if not holds_all(optimizer, params):
             return None
         return FusedAdam(optimizer, params)  # type: ignore[arg-type]
 
@@ -258,7 +263,8 @@ class FastMlpCritic:
         mlp_extractor: nn.Module, value_head: nn.Module, critic_params: Sequence[nn.Parameter], optimizer: th.optim.Optimizer
     ) -> FastMlpCritic | None:
         """
-        :return: A fast critic if the architecture and the optimizer are the standard ones, else ``None``
+        :return: A fast critic if the architecture and the optimizer are the standard ones and the optimizer holds every
+            critic parameter, else ``None``
         """
         if type(mlp_extractor) is not MlpExtractor or not isinstance(value_head, nn.Linear) or value_head.bias is None:
             return None
@@ -281,6 +287,8 @@ class FastMlpCritic:
         if {id(p) for p in critic.params} != {id(p) for p in critic_params}:
             return None
         if any(p.dtype != th.float32 or p.is_sparse for p in critic.params):
+            return None
+        if not holds_all(optimizer, critic.params):  # the generic path then updates only what the optimizer holds
             return None
         return critic
 

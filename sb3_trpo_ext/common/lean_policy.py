@@ -32,6 +32,8 @@ from torch import nn
 from torch.distributions import Normal
 from torch.nn import functional as F
 
+from sb3_trpo_ext.common.policy_utils import runs_as_defined
+
 PolicyStep = Callable[[PyTorchObs], tuple[np.ndarray, th.Tensor, th.Tensor]]
 PolicyHeads = Callable[[th.Tensor, th.Tensor], tuple[np.ndarray, th.Tensor, th.Tensor]]
 _HALF_LOG_TWO_PI = math.log(math.sqrt(2 * math.pi))  # the constant of torch.distributions.Normal.log_prob
@@ -226,6 +228,8 @@ def _make_step(
 ) -> PolicyStep | None:
     """:func:`make_lean_policy_step` without its floating-point error guard."""
     if type(policy) not in (ActorCriticPolicy, ActorCriticCnnPolicy, MultiInputActorCriticPolicy):
+        return None
+    if not runs_as_defined(policy):  # hooks, parametrisations, a replaced forward: the policy's own forward pass
         return None
     heads = make_lean_heads(policy, action_space, use_sde, numpy_elementwise)
     if heads is None:

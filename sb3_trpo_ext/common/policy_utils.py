@@ -25,6 +25,7 @@ from stable_baselines3.common.distributions import (
 )
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
+from torch.nn.utils.parametrize import is_parametrized
 
 from sb3_trpo_ext.common.numerics import BERNOULLI, CATEGORICAL, GAUSSIAN, DistParams
 
@@ -139,6 +140,25 @@ def split_actor_critic_parameters(
     if not actor:
         raise ValueError("the policy's action distribution does not depend on any trainable parameter")
     return actor, critic
+
+
+def runs_as_defined(module: th.nn.Module) -> bool:
+    """
+    Whether calling ``module`` and its submodules runs their classes' ``forward`` and nothing else, so that the
+    specialised paths, which read the weights and write the forward and backward passes out, compute what calling
+    them computes. Not so where a module has hooks (forward, forward pre-, backward; also the global ones, and
+    ``spectral_norm`` / ``weight_norm``, which are pre-hooks), a parametrisation (``torch.nn.utils.parametrize``),
+    or a ``forward`` replaced on the instance, or where a parameter has a gradient hook: those take the generic path.
+    """
+    hook_tables = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    if any(getattr(th.nn.modules.module, f"_global{name}", None) for name in hook_tables):
+        return False
+    for submodule in module.modules():
+        if any(getattr(submodule, name, None) for name in hook_tables) or "forward" in vars(submodule):
+            return False
+        if is_parametrized(submodule):
+            return False
+    return not any(getattr(param, "_backward_hooks", None) for param in module.parameters())
 
 
 def index_observations(observations: PyTorchObs, indices: th.Tensor | slice) -> PyTorchObs:

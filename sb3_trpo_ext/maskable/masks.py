@@ -59,7 +59,7 @@ def check_action_masks(
     :param n_envs: The number of environments the masks must cover (not checked if None)
     :param unit: What one mask is for, in the error message (``"observation"`` in ``predict``)
     :return: The masks as a boolean array of shape ``(n_envs, mask_length)``
-    :raises ValueError: naming the environment index (and the component) whose mask has no valid action, or
+    :raises ValueError: naming the environment (or observation) index and the component whose mask has no valid action, or
         when the masks' size does not fit the action space or the number of environments
     """
     sizes = mask_component_sizes(action_space)
@@ -81,7 +81,7 @@ def check_action_masks(
         if empty.size > 0:
             where = f" (action component {component})" if len(sizes) > 1 else ""
             raise ValueError(
-                f"The action mask of environment index {int(empty[0])} has no valid action{where}: "
+                f"The action mask of {unit} index {int(empty[0])} has no valid action{where}: "
                 "at least one action must be allowed in every state"
             )
     return array

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from sb3_trpo_ext.common.lean_policy import categorical_draw, latents_fn, make_buffer_add, rollout_obs_tensor
 from sb3_trpo_ext.common.lean_vec_env import make_lean_env_step
 from sb3_trpo_ext.common.numerics import CATEGORICAL, DistParams
-from sb3_trpo_ext.common.policy_utils import distribution_params
+from sb3_trpo_ext.common.policy_utils import distribution_params, runs_as_defined
 from sb3_trpo_ext.maskable.masks import check_action_masks, make_mask_getter, mask_component_sizes
 from sb3_trpo_ext.maskable.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 from sb3_trpo_ext.trpo.trpo import TRPO
@@ -220,6 +220,7 @@ class MaskableTRPO(TRPO):
         value_head, action_head = policy.value_net, policy.action_net
         if (
             type(policy) not in (MlpPolicy, CnnPolicy, MultiInputPolicy)
+            or not runs_as_defined(policy)
             or not isinstance(value_head, nn.Linear)
             or not isinstance(action_head, nn.Linear)
         ):
@@ -397,10 +398,15 @@ class MaskableTRPO(TRPO):
         The number of observations ``predict`` is given (one unless it is a batch), which the masks must match; ``None``
         where the observation does not fit the space (``policy.predict`` then raises its own error).
         """
+        # as SB3's obs_to_tensor does before its own check: lists, tuples and Python numbers become arrays
+        if isinstance(observation, dict):
+            observation = {key: np.asarray(value) for key, value in observation.items()}
+        else:
+            observation = np.asarray(observation)
         try:
             if not is_vectorized_observation(observation, self.observation_space):  # type: ignore[arg-type]
                 return 1
-        except ValueError:
+        except (ValueError, KeyError):
             return None
         first = next(iter(observation.values())) if isinstance(observation, dict) else observation
         return int(np.shape(first)[0])

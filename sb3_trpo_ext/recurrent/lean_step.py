@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo_ext.common.lean_policy import compile_plain_mlp, is_plain_box, make_lean_heads, plain_mlp
+from sb3_trpo_ext.common.policy_utils import runs_as_defined
 
 #: ``(obs, lstm_states, episode_starts) -> (actions as a NumPy array, values, log_probs, new lstm_states)``
 RecurrentStep = Callable[[PyTorchObs, RNNStates, th.Tensor], tuple[np.ndarray, th.Tensor, th.Tensor, RNNStates]]
@@ -94,7 +95,7 @@ def make_lean_recurrent_step(
         tensor; see the module docstring for the rounding of oneDNN's LSTM), or ``None``
     """
     classes = (RecurrentActorCriticPolicy, RecurrentActorCriticCnnPolicy, RecurrentMultiInputActorCriticPolicy)
-    if type(policy) not in classes or use_sde or policy.device.type != "cpu":
+    if type(policy) not in classes or use_sde or policy.device.type != "cpu" or not runs_as_defined(policy):
         return None
     if not policy.share_features_extractor or type(policy.mlp_extractor) is not MlpExtractor:
         return None

@@ -33,7 +33,7 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from sb3_trpo_ext.common.critic import single_threaded_blas
-from sb3_trpo_ext.common.policy_utils import PROCESS_STATE_LOCK, parameters_replaced
+from sb3_trpo_ext.common.policy_utils import PROCESS_STATE_LOCK, parameters_replaced, runs_as_defined
 from sb3_trpo_ext.recurrent.lean_step import LSTM_WEIGHTS, is_plain_lstm
 
 Array = Any  # a tensor or a NumPy array (see _walk)
@@ -177,7 +177,7 @@ def make_lstm_jacobian_vector(
         zero); or ``None`` where the recurrence does not apply
     """
     cls = type(policy)
-    if cls.get_distribution is not RecurrentActorCriticPolicy.get_distribution:
+    if cls.get_distribution is not RecurrentActorCriticPolicy.get_distribution or not runs_as_defined(policy):
         return None
     if cls._process_sequence is not RecurrentActorCriticPolicy._process_sequence:  # type: ignore[comparison-overlap]
         return None

@@ -51,6 +51,7 @@ from sb3_trpo_ext.common.policy_utils import (
     distribution_params,
     index_observations,
     process_wide,
+    runs_as_defined,
     split_actor_critic_parameters,
 )
 from sb3_trpo_ext.trpo.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
@@ -75,7 +76,6 @@ class PolicyStepStats:
     :param cg_residual_norm: Norm of the final CG residual ``g - F x``
     :param step_size: The maximal step ``beta = sqrt(2 delta / x^T F x)`` (``nan`` if skipped before it)
     :param expected_improvement: First-order improvement ``g^T (beta x)`` predicted for the full step
-    :param std: Mean standard deviation of a Gaussian policy at the old parameters (``None`` otherwise)
     :param skipped: Why the step was skipped before the line search (``None`` if it was not)
     """
 
@@ -88,8 +88,29 @@ class PolicyStepStats:
     cg_residual_norm: float = math.nan
     step_size: float = math.nan
     expected_improvement: float = math.nan
-    std: float | None = None
     skipped: str | None = None
+
+
+#: sb3-contrib TRPO's methods a subclass may override, which this package does not call (its own steps differ)
+_CONTRIB_ONLY_METHODS = ("hessian_vector_product", "_compute_actor_grad")
+
+
+def _warn_contrib_overrides(cls: type) -> None:
+    """Warn where a subclass defines sb3-contrib TRPO's methods, which would otherwise be ignored silently."""
+    defined = [name for name in _CONTRIB_ONLY_METHODS if hasattr(cls, name)]
+    if defined:
+        warnings.warn(
+            f"{cls.__name__} defines {', '.join(defined)}: sb3-contrib's TRPO calls these, this package does not. "
+            "Override _surrogate, _fisher_vector_product_fn, _line_search or _critic_regression instead",
+            stacklevel=3,
+        )
+
+
+def _gymnasium_spaces(env: GymEnv) -> bool:
+    """Whether the env's spaces are Gymnasium spaces (not those of an OpenAI Gym env, which SB3 converts)."""
+    return isinstance(getattr(env, "observation_space", None), spaces.Space) and isinstance(
+        getattr(env, "action_space", None), spaces.Space
+    )
 
 
 #: The hyperparameters that ``TRPO._validate_hyperparameters`` checks (its keyword arguments).
@@ -236,7 +257,9 @@ class TRPO(OnPolicyAlgorithm):
             target_kl=target_kl,
             sub_sampling_factor=sub_sampling_factor,
         )
-        if not isinstance(env, str) and env is not None:
+        _warn_contrib_overrides(type(self))
+        if not isinstance(env, str) and env is not None and _gymnasium_spaces(env):
+            # before SB3 wraps the env; an OpenAI Gym env's spaces are checked once SB3 has converted it (below)
             self._check_spaces(env.observation_space, env.action_space)
         super().__init__(
             policy,
@@ -526,13 +549,14 @@ class TRPO(OnPolicyAlgorithm):
     def _refresh_parameter_caches(self) -> None:
         """
         Drop the caches of :meth:`_split_parameters`, :class:`MlpFisher` and :class:`FastMlpCritic` when what they
-        were built from has changed since the last update: the policy object, its optimizer, its parameters or which
-        of them require gradients (a user may replace ``model.policy`` or its optimizer, or freeze layers, between
-        two calls to ``learn``). The key holds the objects themselves, compared by identity.
+        were built from has changed since the last update: the policy object, its optimizer, its parameters, which
+        of them require gradients, or whether its modules run as defined (:func:`runs_as_defined`: a user may replace
+        ``model.policy`` or its optimizer, freeze layers, or add hooks between two calls to ``learn``). The key holds
+        the objects themselves, compared by identity.
         """
         params = list(self.policy.parameters())
         objects = [self.policy, self.policy.optimizer, *params]
-        flags = [p.requires_grad for p in params]
+        flags = [p.requires_grad for p in params] + [runs_as_defined(self.policy)]
         cached = self._cached_for
         if cached is None or cached[1] != flags or len(cached[0]) != len(objects):
             changed = True
@@ -546,9 +570,10 @@ class TRPO(OnPolicyAlgorithm):
         """
         Whether the policy is exactly one of the classes whose forward passes the specialised paths
         (:class:`MlpFisher`, :class:`FastMlpCritic`) write out. A subclass may override any of its methods
-        (``predict_values``, ``_get_action_dist_from_latent``, ...), so it always takes the generic autograd path.
+        (``predict_values``, ``_get_action_dist_from_latent``, ...), so it always takes the generic autograd path; so
+        does a policy with hooks or parametrisations (:func:`runs_as_defined`).
         """
-        return type(self.policy) in self._standard_policy_classes
+        return type(self.policy) in self._standard_policy_classes and runs_as_defined(self.policy)
 
     def _split_parameters(self, observations: PyTorchObs) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
         """Actor and critic parameters of the current policy, found once by structure (see the class docstring)."""
@@ -675,8 +700,6 @@ class TRPO(OnPolicyAlgorithm):
         surrogate, new = self._surrogate(observations, actions, old_log_prob, advantages)
         old = new.detach()
         stats.surrogate_before = surrogate.item()
-        if old.kind == "gaussian":
-            stats.std = old.tensors[1].exp().mean().item()
         grad = flat_grad(surrogate, params, retain_graph=True)
         if not math.isfinite(stats.surrogate_before) or not all_finite([grad]):
             stats.skipped = "the surrogate or its gradient is not finite"
@@ -879,8 +902,9 @@ class TRPO(OnPolicyAlgorithm):
             "train/explained_variance",
             float(explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())),
         )
-        if stats.std is not None:
-            record("train/std", stats.std)
+        log_std = getattr(self.policy, "log_std", None)
+        if isinstance(log_std, th.Tensor):  # as SB3's PPO and sb3-contrib's TRPO: the policy after this update
+            record("train/std", th.exp(log_std).mean().item())
         # sb3-contrib's keys with sb3-contrib's meanings, so that dashboards and callbacks written for it keep working.
         # Its KL is averaged over the dimensions of Box and MultiBinary actions (see from_sb3_contrib); a rejected
         # step has no KL, and is not logged as 0.
@@ -915,7 +939,8 @@ class TRPO(OnPolicyAlgorithm):
             raise ValueError(f"total_timesteps must be a finite number, got {total_timesteps!r}")
         self._check_hyperparameters()
         return super().learn(
-            total_timesteps=int(total_timesteps),
+            # as given, a float too: SB3 trains while num_timesteps < total_timesteps
+            total_timesteps=total_timesteps,  # type: ignore[arg-type]
             callback=callback,
             log_interval=log_interval,
             tb_log_name=tb_log_name,
