@@ -76,7 +76,7 @@ class ProbedTRPO(TRPO):
                 "first_kl_old_new": kl_paper,
                 "first_kl_new_old": kl_reverse,
                 "first_surrogate_gain": surrogate.item() - surrogate_before,
-                "std": stats.std,
+                "std": old.tensors[1].exp().mean().item() if old.kind == "gaussian" else None,  # before the update
             }
         )
 
