@@ -459,6 +459,7 @@ def test_an_optimizer_holding_part_of_the_critic_updates_only_that_part(tmp_path
     assert all(th.equal(a, b) for a, b in zip(hidden_before, hidden))
     assert not all(th.equal(a, b) for a, b in zip(head_before, head))
     assert set(model.policy.optimizer.state) == set(head)
+    assert all(p.grad is None for p in model.policy.parameters())  # none left behind on the parameters it omits
     model.save(tmp_path / "model")  # (the optimizer's state_dict holds only its own parameters' state)
     assert (tmp_path / "model.zip").exists()
 
@@ -524,14 +525,76 @@ def test_a_pre_hook_that_rewrites_observations_is_what_the_rollout_acts_on() -> 
     assert len(gaps.gaps) == 2 and max(gaps.gaps) < 1e-5
 
 
-def test_hooks_added_between_learn_calls_switch_to_the_generic_fisher_product_and_critic_fit() -> None:
-    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=128, batch_size=64, seed=0)
+@pytest.mark.parametrize("hook", ["module", "optimizer"])
+def test_hooks_added_between_learn_calls_switch_to_the_generic_fisher_product_and_critic_fit(hook: str) -> None:
+    # The same policy and parameter objects: only the hooks tell that the written-out passes no longer apply
+    model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=128, batch_size=64, n_critic_updates=3, seed=0)
     model.learn(128)
     assert isinstance(model._mlp_fisher, MlpFisher) and isinstance(model._fast_critic, FastMlpCritic)
-    handle = th.nn.utils.spectral_norm(model.policy.action_net)  # noqa: F841 (a forward pre-hook on the layer)
+    calls = HookCounter()
+    if hook == "module":
+        model.policy.action_net.register_forward_hook(calls)
+    else:
+        model.policy.optimizer.register_step_post_hook(lambda optimizer, args, kwargs: calls(optimizer, args, None))
     model.learn(128, reset_num_timesteps=False)
-    assert model._mlp_fisher is False and model._fast_critic is False
-    assert make_lean_policy_step(model.policy, model.action_space, False) is None
+    if hook == "module":
+        assert model._mlp_fisher is False and model._fast_critic is False
+        assert make_lean_policy_step(model.policy, model.action_space, False) is None
+    else:
+        assert isinstance(model._mlp_fisher, MlpFisher) and model._fast_critic is False
+        assert calls.calls == 3 * 2  # every critic step: 3 epochs of 2 minibatches
+
+
+class ShiftedLinear(th.nn.Linear):
+    """A head whose forward adds 1 to the ordinary Linear's output."""
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        return super().forward(x) + 1.0
+
+
+@pytest.mark.parametrize("change", ["linear_subclass_head", "instance_forward_actor", "instance_predict_values"])
+def test_replaced_methods_and_layer_subclasses_take_the_generic_path(change: str) -> None:
+    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), n_steps=32, batch_size=64, seed=0)
+    policy = model.policy
+    calls = HookCounter()
+    if change == "linear_subclass_head":
+        head = ShiftedLinear(policy.action_net.in_features, policy.action_net.out_features)
+        head.load_state_dict(policy.action_net.state_dict())
+        policy.action_net = head
+        policy.optimizer = policy.optimizer_class(policy.parameters(), lr=1e-3)
+    elif change == "instance_forward_actor":
+        forward_actor = policy.mlp_extractor.forward_actor
+        policy.mlp_extractor.forward_actor = lambda features: forward_actor(features) * 0.5  # type: ignore[method-assign]
+    else:
+        predict_values = policy.predict_values
+
+        def counted(obs: th.Tensor) -> th.Tensor:
+            calls(policy, (obs,), None)
+            return predict_values(obs)
+
+        policy.predict_values = counted  # type: ignore[method-assign]
+    gaps = StoredLogProbGap()
+    model.learn(128, callback=gaps)  # two rollouts and two updates
+    assert max(gaps.gaps) < 1e-5
+    assert model._mlp_fisher is False
+    assert model._fast_critic is False or change == "linear_subclass_head"  # (the critic is unchanged there)
+    if change == "instance_predict_values":
+        assert calls.calls >= 2 * 10 * 1  # the generic fit predicts every minibatch (10 epochs of 1)
+
+
+def test_a_hooked_recurrent_policy_does_not_use_the_lstm_tangent_recurrence() -> None:
+    from sb3_trpo_ext import RecurrentTRPO
+
+    def trained(hooked: bool) -> RecurrentTRPO:
+        # Pendulum's episodes last 200 steps: the rollouts after the first have sequences without episode starts
+        model = RecurrentTRPO("MlpLstmPolicy", "Pendulum-v1", n_steps=64, batch_size=64, n_critic_updates=1, seed=0)
+        if hooked:
+            model.policy.lstm_actor.register_forward_hook(lambda module, args, output: None)
+        model.learn(192)
+        return model
+
+    assert trained(hooked=False)._lstm_tangent is True
+    assert trained(hooked=True)._lstm_tangent is False
 
 
 @pytest.mark.parametrize(

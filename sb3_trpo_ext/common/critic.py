@@ -23,7 +23,7 @@ from stable_baselines3.common.torch_layers import MlpExtractor
 from threadpoolctl import ThreadpoolController
 from torch import nn
 
-from sb3_trpo_ext.common.policy_utils import PROCESS_STATE_LOCK, all_finite
+from sb3_trpo_ext.common.policy_utils import PROCESS_STATE_LOCK, all_finite, optimizer_runs_as_defined
 
 _ACTIVATIONS = (nn.Tanh, nn.ReLU)
 #: Adam's first moments, second moments and step counts, one tensor per parameter each
@@ -74,8 +74,13 @@ def single_threaded_blas() -> Iterator[None]:
 
 
 def fused_adam_compatible(optimizer: th.optim.Optimizer) -> bool:
-    """True for a ``torch.optim.Adam`` whose update the fused kernel reproduces (no weight decay, AMSGrad, ...)."""
+    """
+    True for a ``torch.optim.Adam`` whose update the fused kernel reproduces (no weight decay, AMSGrad, ...) and whose
+    ``step()`` has no hooks (which the fused step would skip).
+    """
     if type(optimizer) is not th.optim.Adam or len(optimizer.param_groups) != 1:
+        return False
+    if not optimizer_runs_as_defined(optimizer):
         return False
     for group in optimizer.param_groups:
         if group["weight_decay"] != 0 or group["amsgrad"] or group["maximize"] or group["differentiable"]:
@@ -231,6 +236,8 @@ def optimizer_update(optimizer: th.optim.Optimizer, params: Sequence[th.Tensor])
         for param, grad in zip(params, grads):
             param.grad = grad
         optimizer.step()
+        for param in params:  # also those the optimizer does not hold (its zero_grad leaves them)
+            param.grad = None
 
     return step
 
@@ -266,7 +273,7 @@ class FastMlpCritic:
         :return: A fast critic if the architecture and the optimizer are the standard ones and the optimizer holds every
             critic parameter, else ``None``
         """
-        if type(mlp_extractor) is not MlpExtractor or not isinstance(value_head, nn.Linear) or value_head.bias is None:
+        if type(mlp_extractor) is not MlpExtractor or type(value_head) is not nn.Linear or value_head.bias is None:
             return None
         if not fused_adam_compatible(optimizer):
             return None
@@ -274,9 +281,9 @@ class FastMlpCritic:
         activations: list[nn.Module] = []
         modules = list(mlp_extractor.value_net)
         for i, module in enumerate(modules):
-            if i % 2 == 0 and isinstance(module, nn.Linear) and module.bias is not None:
+            if i % 2 == 0 and type(module) is nn.Linear and module.bias is not None:
                 layers.append(module)
-            elif i % 2 == 1 and isinstance(module, _ACTIVATIONS):
+            elif i % 2 == 1 and type(module) in _ACTIVATIONS:
                 activations.append(module)
             else:
                 return None

@@ -258,7 +258,8 @@ def make_lean_heads(
         distribution or head it does not cover
     """
     value_head, action_head = policy.value_net, policy.action_net
-    if not isinstance(value_head, nn.Linear) or not isinstance(action_head, nn.Linear) or policy.squash_output:
+    # exactly nn.Linear: a subclass may compute something else in its forward, which these steps would skip
+    if type(value_head) is not nn.Linear or type(action_head) is not nn.Linear or policy.squash_output:
         return None
     distribution = policy.action_dist
     action_shape = (-1, *action_space.shape)  # type: ignore[misc]

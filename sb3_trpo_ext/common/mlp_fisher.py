@@ -73,7 +73,7 @@ class MlpFisher:
             observation_space, policy.normalize_images
         ):
             return None
-        if type(policy.mlp_extractor) is not MlpExtractor or not isinstance(policy.action_net, nn.Linear):
+        if type(policy.mlp_extractor) is not MlpExtractor or type(policy.action_net) is not nn.Linear:
             return None
         layers = plain_mlp(policy.mlp_extractor.policy_net)
         if layers is None or len(layers) % 2 != 0:

@@ -9,6 +9,7 @@ Glue between SB3 policies and the numerics of :mod:`sb3_trpo_ext.common.numerics
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from stable_baselines3.common.distributions import (
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
 from torch.nn.utils.parametrize import is_parametrized
+from torch.optim import optimizer as torch_optimizer
 
 from sb3_trpo_ext.common.numerics import BERNOULLI, CATEGORICAL, GAUSSIAN, DistParams
 
@@ -144,21 +146,34 @@ def split_actor_critic_parameters(
 
 def runs_as_defined(module: th.nn.Module) -> bool:
     """
-    Whether calling ``module`` and its submodules runs their classes' ``forward`` and nothing else, so that the
+    Whether calling ``module`` and its submodules runs their classes' methods and nothing else, so that the
     specialised paths, which read the weights and write the forward and backward passes out, compute what calling
     them computes. Not so where a module has hooks (forward, forward pre-, backward; also the global ones, and
     ``spectral_norm`` / ``weight_norm``, which are pre-hooks), a parametrisation (``torch.nn.utils.parametrize``),
-    or a ``forward`` replaced on the instance, or where a parameter has a gradient hook: those take the generic path.
+    or a method replaced on the instance (``forward``, ``predict_values``, ...), or where a parameter has a gradient
+    hook: those take the generic path.
     """
     hook_tables = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     if any(getattr(th.nn.modules.module, f"_global{name}", None) for name in hook_tables):
         return False
     for submodule in module.modules():
-        if any(getattr(submodule, name, None) for name in hook_tables) or "forward" in vars(submodule):
+        if any(getattr(submodule, name, None) for name in hook_tables) or is_parametrized(submodule):
             return False
-        if is_parametrized(submodule):
-            return False
+        cls = type(submodule)
+        if any(callable(value) and inspect.isfunction(getattr(cls, name, None)) for name, value in vars(submodule).items()):
+            return False  # an instance attribute shadows a method of the class
     return not any(getattr(param, "_backward_hooks", None) for param in module.parameters())
+
+
+def optimizer_runs_as_defined(optimizer: th.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` runs the class's update and nothing else (no step hooks, global or its own)."""
+    tables = (
+        getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
+        getattr(torch_optimizer, "_global_optimizer_post_hooks", None),
+        getattr(optimizer, "_optimizer_step_pre_hooks", None),
+        getattr(optimizer, "_optimizer_step_post_hooks", None),
+    )
+    return not any(tables) and "step" not in vars(optimizer)
 
 
 def index_observations(observations: PyTorchObs, indices: th.Tensor | slice) -> PyTorchObs:

@@ -221,8 +221,8 @@ class MaskableTRPO(TRPO):
         if (
             type(policy) not in (MlpPolicy, CnnPolicy, MultiInputPolicy)
             or not runs_as_defined(policy)
-            or not isinstance(value_head, nn.Linear)
-            or not isinstance(action_head, nn.Linear)
+            or type(value_head) is not nn.Linear
+            or type(action_head) is not nn.Linear
         ):
             return self._generic_masked_step()
         sizes = mask_component_sizes(self.action_space)

@@ -32,6 +32,7 @@ from sb3_trpo_ext.common.policy_utils import (
     index_observations,
     parameters_replaced,
     process_wide,
+    runs_as_defined,
     split_actor_critic_parameters,
 )
 from sb3_trpo_ext.recurrent.lean_step import make_lean_recurrent_step, zero_at_starts
@@ -593,6 +594,7 @@ class RecurrentTRPO(TRPO):
             or cls._process_sequence is not RecurrentActorCriticPolicy._process_sequence  # type: ignore[comparison-overlap]
             or policy.lstm_critic is None
             or bool(batch.episode_starts.any())
+            or not runs_as_defined(policy)  # its features are computed once per update, not once per minibatch
         ):
             return None
         critic_ids = {id(p) for p in critic_params}

@@ -50,6 +50,7 @@ from sb3_trpo_ext.common.policy_utils import (
     all_finite,
     distribution_params,
     index_observations,
+    optimizer_runs_as_defined,
     process_wide,
     runs_as_defined,
     split_actor_critic_parameters,
@@ -550,13 +551,16 @@ class TRPO(OnPolicyAlgorithm):
         """
         Drop the caches of :meth:`_split_parameters`, :class:`MlpFisher` and :class:`FastMlpCritic` when what they
         were built from has changed since the last update: the policy object, its optimizer, its parameters, which
-        of them require gradients, or whether its modules run as defined (:func:`runs_as_defined`: a user may replace
-        ``model.policy`` or its optimizer, freeze layers, or add hooks between two calls to ``learn``). The key holds
-        the objects themselves, compared by identity.
+        of them require gradients, or whether its modules and its optimizer run as defined (:func:`runs_as_defined`,
+        :func:`optimizer_runs_as_defined`: a user may replace ``model.policy`` or its optimizer, freeze layers, or add
+        hooks between two calls to ``learn``). The key holds the objects themselves, compared by identity.
         """
         params = list(self.policy.parameters())
         objects = [self.policy, self.policy.optimizer, *params]
-        flags = [p.requires_grad for p in params] + [runs_as_defined(self.policy)]
+        flags = [p.requires_grad for p in params] + [
+            runs_as_defined(self.policy),
+            optimizer_runs_as_defined(self.policy.optimizer),
+        ]
         cached = self._cached_for
         if cached is None or cached[1] != flags or len(cached[0]) != len(objects):
             changed = True
