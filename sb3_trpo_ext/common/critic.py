@@ -275,8 +275,6 @@ class FastMlpCritic:
         """
         if type(mlp_extractor) is not MlpExtractor or type(value_head) is not nn.Linear or value_head.bias is None:
             return None
-        if not fused_adam_compatible(optimizer):
-            return None
         layers: list[nn.Linear] = []
         activations: list[nn.Module] = []
         modules = list(mlp_extractor.value_net)
@@ -293,9 +291,8 @@ class FastMlpCritic:
         critic = FastMlpCritic(layers, activations, optimizer)  # type: ignore[arg-type]
         if {id(p) for p in critic.params} != {id(p) for p in critic_params}:
             return None
-        if any(p.dtype != th.float32 or p.is_sparse for p in critic.params):
-            return None
-        if not holds_all(optimizer, critic.params):  # the generic path then updates only what the optimizer holds
+        # the fused Adam step's own conditions (else the generic path updates only what the optimizer holds)
+        if FusedAdam.build(optimizer, critic.params) is None:
             return None
         return critic
 
