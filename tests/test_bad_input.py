@@ -118,22 +118,48 @@ BOX = spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
 
 
 @pytest.mark.parametrize(
-    "action_space",
-    [spaces.Tuple([spaces.Discrete(2), spaces.Discrete(3)]), spaces.Dict({"a": spaces.Discrete(2)})],
-    ids=["tuple", "dict"],
+    ("action_space", "reason"),
+    [
+        (spaces.Tuple([spaces.Discrete(2), spaces.Discrete(3)]), "supports Box, Discrete"),
+        (spaces.Dict({"a": spaces.Discrete(2)}), "supports Box, Discrete"),
+        (spaces.Box(-np.inf, np.inf, shape=(2,)), "finite lower and upper bounds"),
+        (spaces.Box(np.array([-1.0, -np.inf]), np.array([1.0, 1.0])), "finite lower and upper bounds"),
+        (spaces.MultiBinary((2, 2)), "one-dimensional, got shape (2, 2)"),
+        (spaces.MultiDiscrete([[2, 3], [2, 3]]), "one-dimensional, got shape (2, 2)"),
+    ],
+    ids=["tuple", "dict", "infinite-box", "half-infinite-box", "2d-multibinary", "2d-multidiscrete"],
 )
-def test_unsupported_action_space_names_the_space(action_space: spaces.Space) -> None:
+@pytest.mark.parametrize("algo", [TRPO, MaskableTRPO, RecurrentTRPO], ids=lambda cls: cls.__name__)
+def test_unsupported_action_space_names_the_space(action_space: spaces.Space, reason: str, algo: type) -> None:
+    if algo is MaskableTRPO and isinstance(action_space, spaces.Box):
+        pytest.skip("MaskableTRPO rejects every Box action space (tested in test_maskable.py)")
+    policy = "MlpLstmPolicy" if algo is RecurrentTRPO else "MlpPolicy"
     with pytest.raises(ValueError, match="Unsupported action space") as error:
-        TRPO("MlpPolicy", SpaceEnv(BOX, action_space))
+        algo(policy, SpaceEnv(BOX, action_space))
     assert str(action_space) in str(error.value)
+    assert reason in str(error.value)
     assert isinstance(error.value, AssertionError)  # what SB3 and sb3-contrib raise: code written for them catches it
 
 
-def test_unsupported_observation_space_names_the_space() -> None:
-    observation_space = spaces.Tuple([BOX, BOX])
+@pytest.mark.parametrize(
+    ("observation_space", "reason"),
+    [
+        (spaces.Tuple([BOX, BOX]), "supports Box, Discrete"),
+        (spaces.Box(-1.0, 1.0, shape=()), "at least one dimension, got shape ()"),
+        (spaces.Dict({"vector": BOX, "scalar": spaces.Box(-1.0, 1.0, shape=())}), "(key 'scalar')"),
+        (spaces.MultiDiscrete([[2, 3], [2, 3]]), "one-dimensional, got shape (2, 2)"),
+    ],
+    ids=["tuple", "0d-box", "dict-with-0d-box", "2d-multidiscrete"],
+)
+@pytest.mark.parametrize("algo", [TRPO, MaskableTRPO, RecurrentTRPO], ids=lambda cls: cls.__name__)
+def test_unsupported_observation_space_names_the_space(observation_space: spaces.Space, reason: str, algo: type) -> None:
+    policy = "MultiInputPolicy" if isinstance(observation_space, spaces.Dict) else "MlpPolicy"
+    if algo is RecurrentTRPO:
+        policy = policy.replace("Policy", "LstmPolicy")
     with pytest.raises(ValueError, match="Unsupported observation space") as error:
-        TRPO("MlpPolicy", SpaceEnv(observation_space, spaces.Discrete(2)))
+        algo(policy, SpaceEnv(observation_space, spaces.Discrete(2)))
     assert str(observation_space) in str(error.value)
+    assert reason in str(error.value)
     assert isinstance(error.value, NotImplementedError)  # what SB3's preprocessing raises
 
 

@@ -432,6 +432,20 @@ class TRPO(OnPolicyAlgorithm):
             raise UnsupportedActionSpaceError(
                 f"Unsupported action space {action_space}: TRPO supports Box, Discrete, MultiDiscrete and MultiBinary actions"
             )
+        if isinstance(action_space, spaces.Box) and not (
+            np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()
+        ):
+            # the Gaussian's draws are clipped to the bounds before they reach the environment
+            raise UnsupportedActionSpaceError(
+                f"Unsupported action space {action_space}: Box actions need finite lower and upper bounds "
+                f"(low={action_space.low}, high={action_space.high})"
+            )
+        if isinstance(action_space, (spaces.MultiBinary, spaces.MultiDiscrete)) and len(action_space.shape) != 1:
+            raise UnsupportedActionSpaceError(
+                f"Unsupported action space {action_space}: {type(action_space).__name__} actions must be "
+                f"one-dimensional, got shape {action_space.shape}; flatten the space to shape "
+                f"({int(np.prod(action_space.shape))},) and reshape the actions in the environment"
+            )
         subspaces = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
         if not isinstance(observation_space, SUPPORTED_OBSERVATION_SPACES) or any(
             not isinstance(s, SUPPORTED_OBSERVATION_SPACES) or isinstance(s, spaces.Dict) for s in subspaces
@@ -440,6 +454,20 @@ class TRPO(OnPolicyAlgorithm):
                 f"Unsupported observation space {observation_space}: TRPO supports Box, Discrete, MultiDiscrete, "
                 "MultiBinary observations, and a Dict of those"
             )
+        named = observation_space.spaces.items() if isinstance(observation_space, spaces.Dict) else [(None, observation_space)]
+        for key, subspace in named:
+            where = "" if key is None else f" (key {key!r})"
+            if isinstance(subspace, spaces.Box) and len(subspace.shape) == 0:  # SB3's extractors flatten from dim 1
+                raise UnsupportedObservationSpaceError(
+                    f"Unsupported observation space {observation_space}{where}: a Box observation needs at least one "
+                    "dimension, got shape (); use shape (1,) (e.g. gymnasium.wrappers.ReshapeObservation(env, (1,)))"
+                )
+            if isinstance(subspace, spaces.MultiDiscrete) and len(subspace.shape) != 1:  # SB3 one-hot encodes a 1-D nvec
+                raise UnsupportedObservationSpaceError(
+                    f"Unsupported observation space {observation_space}{where}: MultiDiscrete observations must be "
+                    f"one-dimensional, got shape {subspace.shape}; flatten the space to shape "
+                    f"({int(np.prod(subspace.shape))},)"
+                )
 
     # ----------------------------------------------------------------------------------------------------------
     # Rollouts
