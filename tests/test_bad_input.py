@@ -267,6 +267,56 @@ def test_nan_observation_under_discrete_actions_names_the_environment_index() ->
     assert unchanged(before, model)
 
 
+class NaNAfter(gym.Env):
+    """Box observations that turn NaN after ``after`` steps, under the given action space."""
+
+    def __init__(self, action_space: spaces.Space, after: int = 10**9) -> None:
+        self.observation_space, self.action_space = spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32), action_space
+        self.after, self.steps = after, 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple:
+        super().reset(seed=seed)
+        return np.zeros(3, dtype=np.float32), {}
+
+    def step(self, action: object) -> tuple:
+        self.steps += 1
+        obs = np.full(3, np.nan if self.steps >= self.after else 0.5, dtype=np.float32)
+        return obs, 1.0, False, self.steps % 7 == 0, {}
+
+
+@pytest.mark.parametrize(
+    "action_space", [spaces.MultiDiscrete([2, 3]), spaces.MultiBinary(3)], ids=["multidiscrete", "multibinary"]
+)
+def test_nan_observation_under_generic_step_names_the_environment_index(action_space: spaces.Space) -> None:
+    # MultiDiscrete / MultiBinary actions take SB3's own rollout step, where torch.distributions' check fails first
+    env = make_vec_env(lambda: NaNAfter(action_space), n_envs=3, seed=0)
+    env.envs[1].unwrapped.after = 5  # type: ignore[attr-defined]
+    model = TRPO("MlpPolicy", env, n_steps=32, batch_size=16, seed=0, policy_kwargs={"net_arch": [8]})
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"NaN for environment index 1: its observation holds NaN") as error:
+        model.learn(64)
+    assert str(error.value.__cause__).startswith("Expected parameter")  # torch's own message is kept as the cause
+    assert unchanged(before, model)
+
+
+def test_nan_weights_under_generic_step_are_named() -> None:
+    model = TRPO("MlpPolicy", NaNAfter(spaces.MultiBinary(3)), n_steps=16, batch_size=16, seed=0)
+    with th.no_grad():
+        model.policy.action_net.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"action distribution is NaN: the policy's weights hold NaN or inf"):
+        model.learn(16)
+
+
+def test_other_value_errors_in_a_generic_rollout_pass_through_unchanged() -> None:
+    class Failing(BaseCallback):
+        def _on_step(self) -> bool:
+            raise ValueError("Expected parameter from a callback, not a distribution")
+
+    model = TRPO("MlpPolicy", NaNAfter(spaces.MultiBinary(3)), n_steps=16, batch_size=16, seed=0)
+    with pytest.raises(ValueError, match=r"^Expected parameter from a callback, not a distribution$"):
+        model.learn(16, callback=Failing())
+
+
 def test_the_late_check_covers_every_hyperparameter_the_constructor_checks() -> None:
     from sb3_trpo_ext.trpo.trpo import _VALIDATED
 

@@ -165,6 +165,43 @@ def _raise_for_nan_probabilities(probs: np.ndarray) -> None:
     )
 
 
+def _nonfinite_rows(observations: np.ndarray | dict[str, np.ndarray]) -> list[int]:
+    """Indices of the rows (environments) whose floating-point observation holds NaN or inf."""
+    arrays = observations.values() if isinstance(observations, dict) else [observations]
+    bad = np.zeros(0, dtype=bool)
+    for array in map(np.asarray, arrays):
+        if array.dtype.kind in "fc" and array.ndim > 0:
+            row_bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+            bad = row_bad if len(bad) == 0 else bad | row_bad
+    return np.flatnonzero(bad).tolist()
+
+
+def explain_undefined_distribution(
+    error: ValueError, observations: np.ndarray | dict[str, np.ndarray] | None, policy: th.nn.Module
+) -> None:
+    """
+    Where SB3's own rollout step builds the action distribution (the policies the lean steps do not cover), a NaN
+    observation or weight fails ``torch.distributions``' argument check with a message that names neither. Raise
+    instead the error the lean steps raise: one naming the environment indices whose observations hold NaN or inf,
+    or the weights. Returns (the caller re-raises ``error``) for any other ``ValueError`` or when neither explains it.
+
+    :param error: The error raised during the rollout
+    :param observations: The observations the failing step was given (``_last_obs``)
+    :param policy: The policy
+    """
+    message = str(error)
+    if not (message.startswith("Expected parameter ") and " of distribution " in message):
+        return
+    rows = [] if observations is None else _nonfinite_rows(observations)
+    if rows:
+        raise ValueError(
+            f"The policy's action distribution is NaN for environment index {rows[0] if len(rows) == 1 else rows}: "
+            "its observation holds NaN or inf (VecCheckNan finds where)"
+        ) from error
+    if not all(bool(th.isfinite(p).all()) for p in policy.parameters()):
+        raise ValueError("The policy's action distribution is NaN: the policy's weights hold NaN or inf") from error
+
+
 def categorical_draw(log_pmf: th.Tensor, on_cpu: bool) -> tuple[np.ndarray, th.Tensor]:
     """
     ``Categorical(logits=log_pmf).sample()`` (``torch.multinomial(softmax, 1, True)``) and the draws' log-probabilities.

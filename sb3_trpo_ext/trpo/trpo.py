@@ -27,6 +27,7 @@ from sb3_trpo_ext.common.critic import FastMlpCritic, SavedCritic, optimizer_upd
 from sb3_trpo_ext.common.errors import UnsupportedActionSpaceError, UnsupportedObservationSpaceError
 from sb3_trpo_ext.common.lean_policy import (
     PolicyStep,
+    explain_undefined_distribution,
     make_buffer_add,
     make_lean_noise_reset,
     make_lean_policy_step,
@@ -494,7 +495,11 @@ class TRPO(OnPolicyAlgorithm):
         to ``log_std`` (in place too), from the next rollout on (SB3's generic path sees every change at once).
         """
         if self._lean_policy_step() is None:
-            return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+            try:
+                return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+            except ValueError as error:  # a NaN observation fails the distribution's argument check: say where
+                explain_undefined_distribution(error, self._last_obs, self.policy)  # type: ignore[arg-type]
+                raise
         assert self._last_obs is not None, "No previous observation was provided"
         self.policy.set_training_mode(False)
         n_steps = 0
