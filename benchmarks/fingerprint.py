@@ -58,12 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--envs", nargs="+", default=list(ENVS), help="environment ids")
-    parser.add_argument("--timesteps", type=int, default=8192, help="training steps per environment (default 8192)")
-    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument(
+        "--envs", nargs="+", default=None, help=f"environment ids (default: {' '.join(ENVS)}; with --compare, the file's)"
+    )
+    parser.add_argument(
+        "--timesteps", type=int, default=None, help="training steps per environment (default 8192; with --compare, the file's)"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed (default 3; with --compare, the file's)")
     parser.add_argument("--name", default=None, help="result file name (default: UTC time and git commit)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})")
-    parser.add_argument("--compare", type=Path, default=None, help="a fingerprint file to compare with (nothing written)")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="a fingerprint file to compare with, at its timesteps and seed (nothing written); --envs: some of its envs",
+    )
     args = parser.parse_args(argv)
 
     reference: dict[str, Any] | None = None
@@ -78,7 +87,21 @@ def main(argv: list[str] | None = None) -> int:
             and isinstance(reference.get("seed"), int)
         ):
             parser.error(f"--compare: {args.compare} is not a fingerprint file (no 'hashes', 'timesteps' and 'seed')")
-        args.envs, args.timesteps, args.seed = list(reference["hashes"]), reference["timesteps"], reference["seed"]
+        for option, value in (("timesteps", args.timesteps), ("seed", args.seed)):
+            if value is not None and value != reference[option]:
+                parser.error(f"--{option} {value}: {args.compare} was made with {reference[option]} (leave it out)")
+        missing = [env_id for env_id in args.envs or [] if env_id not in reference["hashes"]]
+        if missing:
+            parser.error(
+                f"--envs: {args.compare} has no hash for {', '.join(missing)} (it has {', '.join(reference['hashes'])})"
+            )
+        args.envs = args.envs or list(reference["hashes"])
+        args.timesteps, args.seed = reference["timesteps"], reference["seed"]
+        reference["hashes"] = {env_id: reference["hashes"][env_id] for env_id in args.envs}
+    else:
+        args.envs = args.envs or list(ENVS)
+        args.timesteps = 8192 if args.timesteps is None else args.timesteps
+        args.seed = 3 if args.seed is None else args.seed
     hashes = {}
     for env_id in args.envs:
         hashes[env_id] = fingerprint(env_id, args.timesteps, args.seed)

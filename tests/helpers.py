@@ -72,3 +72,19 @@ def parameters_snapshot(params: list[th.nn.Parameter]) -> list[th.Tensor]:
 
 def bit_identical(params: list[th.nn.Parameter], snapshot: list[th.Tensor]) -> bool:
     return all(th.equal(p.detach(), s) for p, s in zip(params, snapshot))
+
+
+class MultiActionEnv(gym.Env):
+    """Box observations, MultiDiscrete or MultiBinary actions, episodes of random length."""
+
+    def __init__(self, action_space: gym.spaces.Space) -> None:
+        self.observation_space = gym.spaces.Box(-5.0, 5.0, shape=(4,), dtype=np.float32)
+        self.action_space = action_space
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple:
+        super().reset(seed=seed)
+        return self.np_random.normal(size=4).astype(np.float32), {}
+
+    def step(self, action: np.ndarray) -> tuple:
+        reward = float(np.sum(action)) - 1.0
+        return self.np_random.normal(size=4).astype(np.float32), reward, bool(self.np_random.random() < 0.05), False, {}

@@ -284,23 +284,33 @@ class NaNAfter(gym.Env):
         return obs, 1.0, False, self.steps % 7 == 0, {}
 
 
+def generic_rollout_step(model: TRPO) -> TRPO:
+    """Send the model's rollouts through SB3's own ``collect_rollouts``: a (no-op) forward hook on the policy."""
+    model.policy.register_forward_hook(lambda module, args, output: None)
+    assert model._lean_policy_step() is None
+    return model
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["lean-step", "sb3-step"])
 @pytest.mark.parametrize(
     "action_space", [spaces.MultiDiscrete([2, 3]), spaces.MultiBinary(3)], ids=["multidiscrete", "multibinary"]
 )
-def test_nan_observation_under_generic_step_names_the_environment_index(action_space: spaces.Space) -> None:
-    # MultiDiscrete / MultiBinary actions take SB3's own rollout step, where torch.distributions' check fails first
+def test_nan_observation_under_multi_actions_names_the_environment_index(action_space: spaces.Space, generic: bool) -> None:
     env = make_vec_env(lambda: NaNAfter(action_space), n_envs=3, seed=0)
     env.envs[1].unwrapped.after = 5  # type: ignore[attr-defined]
     model = TRPO("MlpPolicy", env, n_steps=32, batch_size=16, seed=0, policy_kwargs={"net_arch": [8]})
+    if generic:  # SB3's step, where torch.distributions' argument check fails first
+        generic_rollout_step(model)
     before = weights(model)
     with pytest.raises(ValueError, match=r"NaN for environment index 1: its observation holds NaN") as error:
         model.learn(64)
-    assert str(error.value.__cause__).startswith("Expected parameter")  # torch's own message is kept as the cause
+    if generic:
+        assert str(error.value.__cause__).startswith("Expected parameter")  # torch's own message kept as the cause
     assert unchanged(before, model)
 
 
-def test_nan_weights_under_generic_step_are_named() -> None:
-    model = TRPO("MlpPolicy", NaNAfter(spaces.MultiBinary(3)), n_steps=16, batch_size=16, seed=0)
+def test_nan_weights_under_sb3_rollout_step_are_named() -> None:
+    model = generic_rollout_step(TRPO("MlpPolicy", NaNAfter(spaces.MultiBinary(3)), n_steps=16, batch_size=16, seed=0))
     with th.no_grad():
         model.policy.action_net.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"action distribution is NaN: the policy's weights hold NaN or inf"):
@@ -312,7 +322,7 @@ def test_other_value_errors_in_a_generic_rollout_pass_through_unchanged() -> Non
         def _on_step(self) -> bool:
             raise ValueError("Expected parameter from a callback, not a distribution")
 
-    model = TRPO("MlpPolicy", NaNAfter(spaces.MultiBinary(3)), n_steps=16, batch_size=16, seed=0)
+    model = generic_rollout_step(TRPO("MlpPolicy", NaNAfter(spaces.MultiBinary(3)), n_steps=16, batch_size=16, seed=0))
     with pytest.raises(ValueError, match=r"^Expected parameter from a callback, not a distribution$"):
         model.learn(16, callback=Failing())
 

@@ -414,6 +414,8 @@ def test_returns_smoke_results_do_not_count_as_finished_real_cells(tmp_path: Pat
         ("benchmarks.speed", ["--pairs", "0"], "--pairs must be >= 1, got 0"),
         ("benchmarks.cg_start", ["--steps", "0"], "--steps must be >= 10240"),
         ("benchmarks.fingerprint", ["--compare", "{not_a_fingerprint}"], "is not a fingerprint file"),
+        ("benchmarks.fingerprint", ["--compare", "{fingerprint}", "--timesteps", "1024"], "was made with 512"),
+        ("benchmarks.fingerprint", ["--compare", "{fingerprint}", "--envs", "Hopper-v5"], "has no hash for Hopper-v5"),
     ],
 )
 def test_benchmark_commands_reject_bad_options_before_running(
@@ -421,7 +423,9 @@ def test_benchmark_commands_reject_bad_options_before_running(
 ) -> None:
     not_a_fingerprint = tmp_path / "result.json"
     not_a_fingerprint.write_text(json.dumps({"final_return": 1.0}))
-    args = [arg.format(not_a_fingerprint=not_a_fingerprint) for arg in args]
+    fingerprint = tmp_path / "fingerprint.json"
+    fingerprint.write_text(json.dumps({"hashes": {"CartPole-v1": "0" * 64}, "timesteps": 512, "seed": 3}))
+    args = [arg.format(not_a_fingerprint=not_a_fingerprint, fingerprint=fingerprint) for arg in args]
     result = subprocess.run(
         [sys.executable, "-m", module, *args, "--out", str(tmp_path / "out")],
         cwd=ROOT,

@@ -20,6 +20,7 @@ from sb3_trpo_ext import TRPO
 from sb3_trpo_ext.common.critic import FastMlpCritic, FusedAdam
 from sb3_trpo_ext.common.lean_policy import make_lean_policy_step
 from sb3_trpo_ext.common.mlp_fisher import MlpFisher
+from tests.helpers import MultiActionEnv
 from tests.test_invariants import ConfusinglyNamedPolicy
 
 FIELDS = ["observations", "actions", "log_probs", "values", "rewards", "episode_starts", "advantages", "returns"]
@@ -35,12 +36,22 @@ class KeysRecorder(BaseCallback):
         return True
 
 
+MULTI_ACTION_ENVS = {
+    "multidiscrete": lambda: MultiActionEnv(gym.spaces.MultiDiscrete([3, 2, 4])),
+    "multibinary": lambda: MultiActionEnv(gym.spaces.MultiBinary(3)),
+}
+
+
 def collect(
     env_id: str, generic: bool, normalize: bool, use_sde: bool = False, numpy_elementwise: bool = True
 ) -> tuple[TRPO, set[str]]:
     # Short time limit: many truncations, so the bootstrapped rewards are compared too
     env = make_vec_env(
-        env_id, n_envs=2, seed=7, wrapper_class=gym.wrappers.TimeLimit, wrapper_kwargs={"max_episode_steps": 30}
+        MULTI_ACTION_ENVS.get(env_id, env_id),
+        n_envs=2,
+        seed=7,
+        wrapper_class=gym.wrappers.TimeLimit,
+        wrapper_kwargs={"max_episode_steps": 30},
     )
     if normalize:
         env = VecNormalize(env)
@@ -70,6 +81,8 @@ def collect(
         ("HalfCheetah-v5", False),  # six action dimensions: the sum over them in SB3's order
         ("HalfCheetah-v5", True),
         ("Humanoid-v5", False),  # 17 action dimensions, 348 observation dimensions
+        ("multidiscrete", False),  # one categorical draw per component, in order
+        ("multibinary", False),
     ],
 )
 def test_lean_rollout_fills_the_buffer_identically_to_sb3(
@@ -116,11 +129,6 @@ def test_numpy_step_is_silent_on_overflow_and_gives_torchs_bits(use_sde: bool, l
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
 def test_lean_rollout_falls_back_to_sb3_where_it_does_not_apply(env_id: str) -> None:
-    from stable_baselines3.common.envs import IdentityEnvMultiDiscrete
-
-    model = TRPO("MlpPolicy", IdentityEnvMultiDiscrete(dim=3), n_steps=32, batch_size=32)
-    assert model._lean_policy_step() is None  # MultiDiscrete: SB3's own path
-    model.learn(64)
     squashed = TRPO("MlpPolicy", "Pendulum-v1", use_sde=True, policy_kwargs={"squash_output": True}, n_steps=32, batch_size=32)
     assert squashed._lean_policy_step() is None
     custom = TRPO(ConfusinglyNamedPolicy, env_id, n_steps=32, batch_size=32)

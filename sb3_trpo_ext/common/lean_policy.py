@@ -6,7 +6,8 @@ observations, so ``ActorCriticPolicy.forward`` is dominated by Python overhead: 
 objects and their argument checks. :func:`make_lean_policy_step` builds, once per rollout, a function that performs
 the same tensor operations in the same order, with the same random draws, so actions, values and log-probabilities
 are bit-identical to SB3's. It applies to SB3's own ``ActorCriticPolicy`` classes with a diagonal Gaussian (with or
-without gSDE, unsquashed) or a categorical action distribution; anything else gets ``None`` and uses SB3's path.
+without gSDE, unsquashed), a categorical, a multi-categorical or a Bernoulli action distribution; anything else gets
+``None`` and uses SB3's path.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
     CategoricalDistribution,
     DiagGaussianDistribution,
+    MultiCategoricalDistribution,
     StateDependentNoiseDistribution,
 )
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
@@ -364,6 +367,39 @@ def make_lean_heads(
             return drawn.reshape(action_shape), values, log_prob
 
         return categorical_step
+
+    if type(distribution) is MultiCategoricalDistribution:
+        dims = list(distribution.action_dims)
+
+        def multi_categorical_step(latent_pi: th.Tensor, latent_vf: th.Tensor) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
+            values = F.linear(latent_vf, v_weight, v_bias)
+            logits = F.linear(latent_pi, a_weight, a_bias)
+            # MultiCategorical: one Categorical(logits) per component of the split logits, drawn in order; the
+            # log-probabilities stacked, then summed over the components
+            draws, log_probs = [], []
+            for part in th.split(logits, dims, dim=1):
+                drawn, log_prob = categorical_draw(part - part.logsumexp(dim=-1, keepdim=True), numpy_elementwise)
+                draws.append(drawn)
+                log_probs.append(log_prob)
+            return np.concatenate(draws, axis=1).reshape(action_shape), values, th.stack(log_probs, dim=1).sum(dim=1)
+
+        return multi_categorical_step
+
+    if type(distribution) is BernoulliDistribution:
+
+        def bernoulli_step(latent_pi: th.Tensor, latent_vf: th.Tensor) -> tuple[np.ndarray, th.Tensor, th.Tensor]:
+            values = F.linear(latent_vf, v_weight, v_bias)
+            logits = F.linear(latent_pi, a_weight, a_bias)
+            # Bernoulli(logits): probabilities by sigmoid, one torch.bernoulli draw per dimension; log-probability
+            # -BCE-with-logits of the draw, summed over the dimensions
+            probs = th.sigmoid(logits)
+            if not bool((probs >= 0).all()):  # NaN: torch.distributions' argument check would stop here
+                _raise_for_nan_probabilities(probs.cpu().numpy())
+            actions = th.bernoulli(probs)
+            log_prob = -F.binary_cross_entropy_with_logits(logits, actions, reduction="none")
+            return actions.cpu().numpy().reshape(action_shape), values, log_prob.sum(dim=1)
+
+        return bernoulli_step
 
     return None
 
