@@ -384,3 +384,18 @@ def test_a_linear_schedule_past_the_end_of_a_run_gives_a_zero_rate(tmp_path: Pat
     loaded = TRPO.load(tmp_path / "model.zip", env=model.get_env())
     loaded.learn(64)  # a saved negative progress does not stop the next run
     assert loaded.num_timesteps == 64 and loaded._n_updates == model._n_updates + 1
+
+
+@pytest.mark.parametrize(
+    "observation_space",
+    [spaces.MultiDiscrete([3, 3]), spaces.Dict({"vector": BOX, "codes": spaces.MultiDiscrete([3, 3])})],
+    ids=["multidiscrete", "dict-with-multidiscrete"],
+)
+def test_recurrent_trpo_names_multidiscrete_observations_its_lstm_cannot_take(observation_space: spaces.Space) -> None:
+    # sb3-contrib's LSTM policies size the LSTM with a NumPy integer there; RecurrentPPO raises torch's TypeError
+    policy = "MultiInputLstmPolicy" if isinstance(observation_space, spaces.Dict) else "MlpLstmPolicy"
+    with pytest.raises(TypeError, match="input_size should be of type int"):
+        RecurrentPPO(policy, SpaceEnv(observation_space, spaces.Discrete(2)))
+    with pytest.raises(ValueError, match="LSTM policies cannot take MultiDiscrete observations") as error:
+        RecurrentTRPO(policy, SpaceEnv(observation_space, spaces.Discrete(2)))
+    assert str(observation_space) in str(error.value)

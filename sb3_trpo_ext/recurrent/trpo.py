@@ -24,6 +24,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.autograd import forward_ad
 
 from sb3_trpo_ext.common.critic import optimizer_update
+from sb3_trpo_ext.common.errors import UnsupportedObservationSpaceError
 from sb3_trpo_ext.common.lean_vec_env import make_lean_env_step
 from sb3_trpo_ext.common.numerics import DistParams, fisher_weight_operator, jacobian_transpose_vector
 from sb3_trpo_ext.common.policy_utils import (
@@ -212,7 +213,11 @@ class RecurrentTRPO(TRPO):
             self._setup_model()
 
     def _setup_model(self) -> None:
-        super()._setup_model()  # the policy (and a plain buffer, replaced below: its shape needs the policy's LSTM)
+        try:
+            super()._setup_model()  # the policy (and a plain buffer, replaced below: its shape needs the policy's LSTM)
+        except TypeError as error:
+            self._explain_lstm_size_error(error)
+            raise
         if not isinstance(self.policy, RecurrentActorCriticPolicy):
             raise ValueError(
                 f"RecurrentTRPO needs a policy that subclasses RecurrentActorCriticPolicy, got {type(self.policy)}"
@@ -236,6 +241,22 @@ class RecurrentTRPO(TRPO):
         )
         # The sequences of the batch under update (set by train() for the policy step and the critic regression)
         self._sequences: SequenceBatch | None = None
+
+    def _explain_lstm_size_error(self, error: TypeError) -> None:
+        """
+        sb3-contrib's LSTM policies size their LSTM with SB3's ``get_flattened_obs_dim``, which gives a NumPy integer
+        for MultiDiscrete observations (``sum(nvec)``), and ``torch.nn.LSTM`` rejects it (``RecurrentPPO`` fails the
+        same way): raise an error naming the space instead. Returns for any other ``TypeError``.
+        """
+        observation_space = self.observation_space
+        subspaces = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
+        if "input_size should be of type int" in str(error) and any(isinstance(s, spaces.MultiDiscrete) for s in subspaces):
+            raise UnsupportedObservationSpaceError(
+                f"Unsupported observation space {observation_space}: sb3-contrib's LSTM policies cannot take "
+                "MultiDiscrete observations (their input size is a NumPy integer, which torch.nn.LSTM rejects; "
+                "RecurrentPPO fails the same way); one-hot encode them into a Box observation, or give a "
+                "features_extractor_class whose features_dim is a Python int"
+            ) from error
 
     def _reset_parameter_caches(self) -> None:
         super()._reset_parameter_caches()
