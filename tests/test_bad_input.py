@@ -124,10 +124,11 @@ BOX = spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
         (spaces.Dict({"a": spaces.Discrete(2)}), "supports Box, Discrete"),
         (spaces.Box(-np.inf, np.inf, shape=(2,)), "finite lower and upper bounds"),
         (spaces.Box(np.array([-1.0, -np.inf]), np.array([1.0, 1.0])), "finite lower and upper bounds"),
-        (spaces.MultiBinary((2, 2)), "one-dimensional, got shape (2, 2)"),
+        (spaces.MultiBinary((2, 2)), "need n as an int, as in MultiBinary(3), got n=(2, 2)"),
+        (spaces.MultiBinary([3]), "need n as an int, as in MultiBinary(3), got n="),
         (spaces.MultiDiscrete([[2, 3], [2, 3]]), "one-dimensional, got shape (2, 2)"),
     ],
-    ids=["tuple", "dict", "infinite-box", "half-infinite-box", "2d-multibinary", "2d-multidiscrete"],
+    ids=["tuple", "dict", "infinite-box", "half-infinite-box", "2d-multibinary", "list-n-multibinary", "2d-multidiscrete"],
 )
 @pytest.mark.parametrize("algo", [TRPO, MaskableTRPO, RecurrentTRPO], ids=lambda cls: cls.__name__)
 def test_unsupported_action_space_names_the_space(action_space: spaces.Space, reason: str, algo: type) -> None:
@@ -317,14 +318,33 @@ def test_nan_weights_under_sb3_rollout_step_are_named() -> None:
         model.learn(16)
 
 
-def test_other_value_errors_in_a_generic_rollout_pass_through_unchanged() -> None:
-    class Failing(BaseCallback):
-        def _on_step(self) -> bool:
-            raise ValueError("Expected parameter from a callback, not a distribution")
+def test_only_the_distribution_check_is_translated() -> None:
+    from sb3_trpo_ext.common.lean_policy import explain_undefined_distribution
 
-    model = generic_rollout_step(TRPO("MlpPolicy", NaNAfter(spaces.MultiBinary(3)), n_steps=16, batch_size=16, seed=0))
-    with pytest.raises(ValueError, match=r"^Expected parameter from a callback, not a distribution$"):
-        model.learn(16, callback=Failing())
+    model = TRPO("MlpPolicy", NaNAfter(spaces.MultiBinary(3)), n_steps=16, batch_size=16, seed=0)
+    nan_rows = np.full((2, 3), np.nan, dtype=np.float32)
+    # any other ValueError is left to the caller to re-raise, even where the observations hold NaN
+    explain_undefined_distribution(ValueError("Expected parameter from a callback"), nan_rows, model.policy)
+    torch_check = ValueError("Expected parameter logits (Tensor of shape (2, 3)) of distribution Bernoulli(...)")
+    with pytest.raises(ValueError, match=r"NaN for environment index \[0, 1\]: its observation holds NaN"):
+        explain_undefined_distribution(torch_check, nan_rows, model.policy)
+    explain_undefined_distribution(torch_check, np.zeros((2, 3), dtype=np.float32), model.policy)  # finite: unexplained
+
+
+def test_zero_dimensional_box_observations_are_left_to_a_features_extractor_that_takes_them() -> None:
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+
+    class Scalars(BaseFeaturesExtractor):
+        def __init__(self, observation_space: spaces.Space) -> None:
+            super().__init__(observation_space, features_dim=1)
+
+        def forward(self, observations: th.Tensor) -> th.Tensor:
+            return observations.reshape(-1, 1)
+
+    env = SpaceEnv(spaces.Box(-1.0, 1.0, shape=()), spaces.Discrete(2))
+    model = TRPO("MlpPolicy", env, n_steps=16, batch_size=16, policy_kwargs={"features_extractor_class": Scalars})
+    model.learn(32)
+    assert model.num_timesteps == 32
 
 
 def test_the_late_check_covers_every_hyperparameter_the_constructor_checks() -> None:

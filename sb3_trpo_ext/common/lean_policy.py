@@ -155,6 +155,11 @@ def rollout_obs_tensor(obs: np.ndarray | dict[str, np.ndarray], device: th.devic
     return obs_as_tensor(obs, device)
 
 
+def _rows_text(rows: list[int]) -> str:
+    """One index as a number, several as a list."""
+    return str(rows[0]) if len(rows) == 1 else str(rows)
+
+
 def _raise_for_nan_probabilities(probs: np.ndarray) -> None:
     """
     :param probs: Action probabilities, one row per environment, some of them NaN (softmax gives no inf and nothing
@@ -163,7 +168,7 @@ def _raise_for_nan_probabilities(probs: np.ndarray) -> None:
     """
     rows = np.flatnonzero(~(probs >= 0).all(axis=1)).tolist()
     raise ValueError(
-        f"The policy's action probabilities are NaN for environment index {rows[0] if len(rows) == 1 else rows}: "
+        f"The policy's action probabilities are NaN for environment index {_rows_text(rows)}: "
         "its observation holds NaN or inf (VecCheckNan finds where), or the policy's weights do"
     )
 
@@ -198,7 +203,7 @@ def explain_undefined_distribution(
     rows = [] if observations is None else _nonfinite_rows(observations)
     if rows:
         raise ValueError(
-            f"The policy's action distribution is NaN for environment index {rows[0] if len(rows) == 1 else rows}: "
+            f"The policy's action distribution is NaN for environment index {_rows_text(rows)}: "
             "its observation holds NaN or inf (VecCheckNan finds where)"
         ) from error
     if not all(bool(th.isfinite(p).all()) for p in policy.parameters()):

@@ -39,7 +39,7 @@ from sb3_trpo_ext.common.policy_utils import (
 from sb3_trpo_ext.recurrent.lean_step import make_lean_recurrent_step, zero_at_starts
 from sb3_trpo_ext.recurrent.lstm_tangent import JacobianVector, make_lstm_jacobian_vector
 from sb3_trpo_ext.recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
-from sb3_trpo_ext.trpo.trpo import TRPO
+from sb3_trpo_ext.trpo.trpo import TRPO, named_subspaces
 
 SelfRecurrentTRPO = TypeVar("SelfRecurrentTRPO", bound="RecurrentTRPO")
 
@@ -249,7 +249,7 @@ class RecurrentTRPO(TRPO):
         same way): raise an error naming the space instead. Returns for any other ``TypeError``.
         """
         observation_space = self.observation_space
-        subspaces = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
+        subspaces = [s for _, s in named_subspaces(observation_space)]
         if "input_size should be of type int" in str(error) and any(isinstance(s, spaces.MultiDiscrete) for s in subspaces):
             raise UnsupportedObservationSpaceError(
                 f"Unsupported observation space {observation_space}: sb3-contrib's LSTM policies cannot take "

@@ -17,6 +17,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.torch_layers import CombinedExtractor, FlattenExtractor
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import explained_variance, obs_as_tensor, update_learning_rate
 from stable_baselines3.common.vec_env import VecEnv
@@ -106,6 +107,18 @@ def _warn_contrib_overrides(cls: type) -> None:
             "Override _surrogate, _fisher_vector_product_fn, _line_search or _critic_regression instead",
             stacklevel=3,
         )
+
+
+def named_subspaces(observation_space: spaces.Space) -> list[tuple[str | None, spaces.Space]]:
+    """``(key, subspace)`` of each entry of a Dict observation space; ``[(None, space)]`` for any other space."""
+    if isinstance(observation_space, spaces.Dict):
+        return list(observation_space.spaces.items())
+    return [(None, observation_space)]
+
+
+def _key_text(key: str | None) -> str:
+    """`` (key 'name')`` for a Dict entry, nothing for a whole space."""
+    return "" if key is None else f" (key {key!r})"
 
 
 def _gymnasium_spaces(env: GymEnv) -> bool:
@@ -441,33 +454,50 @@ class TRPO(OnPolicyAlgorithm):
                 f"Unsupported action space {action_space}: Box actions need finite lower and upper bounds "
                 f"(low={action_space.low}, high={action_space.high})"
             )
-        if isinstance(action_space, (spaces.MultiBinary, spaces.MultiDiscrete)) and len(action_space.shape) != 1:
-            raise UnsupportedActionSpaceError(
-                f"Unsupported action space {action_space}: {type(action_space).__name__} actions must be "
-                f"one-dimensional, got shape {action_space.shape}; flatten the space to shape "
-                f"({int(np.prod(action_space.shape))},) and reshape the actions in the environment"
+        if isinstance(action_space, spaces.MultiBinary) and not isinstance(action_space.n, int):
+            raise UnsupportedActionSpaceError(  # SB3's Bernoulli head takes n as a Python int
+                f"Unsupported action space {action_space}: MultiBinary actions need n as an int, as in MultiBinary(3), "
+                f"got n={action_space.n!r}; flatten a multi-dimensional one to "
+                f"MultiBinary({int(np.prod(action_space.shape))}) and reshape the actions in the environment"
             )
-        subspaces = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
+        if isinstance(action_space, spaces.MultiDiscrete) and len(action_space.shape) != 1:
+            raise UnsupportedActionSpaceError(
+                f"Unsupported action space {action_space}: MultiDiscrete actions must be one-dimensional, got shape "
+                f"{action_space.shape}; flatten the space to shape ({int(np.prod(action_space.shape))},) and reshape the "
+                "actions in the environment"
+            )
+        named = named_subspaces(observation_space)
         if not isinstance(observation_space, SUPPORTED_OBSERVATION_SPACES) or any(
-            not isinstance(s, SUPPORTED_OBSERVATION_SPACES) or isinstance(s, spaces.Dict) for s in subspaces
+            not isinstance(s, SUPPORTED_OBSERVATION_SPACES) or isinstance(s, spaces.Dict) for _, s in named
         ):
             raise UnsupportedObservationSpaceError(
                 f"Unsupported observation space {observation_space}: TRPO supports Box, Discrete, MultiDiscrete, "
                 "MultiBinary observations, and a Dict of those"
             )
-        named = observation_space.spaces.items() if isinstance(observation_space, spaces.Dict) else [(None, observation_space)]
         for key, subspace in named:
-            where = "" if key is None else f" (key {key!r})"
-            if isinstance(subspace, spaces.Box) and len(subspace.shape) == 0:  # SB3's extractors flatten from dim 1
-                raise UnsupportedObservationSpaceError(
-                    f"Unsupported observation space {observation_space}{where}: a Box observation needs at least one "
-                    "dimension, got shape (); use shape (1,) (e.g. gymnasium.wrappers.ReshapeObservation(env, (1,)))"
-                )
             if isinstance(subspace, spaces.MultiDiscrete) and len(subspace.shape) != 1:  # SB3 one-hot encodes a 1-D nvec
                 raise UnsupportedObservationSpaceError(
-                    f"Unsupported observation space {observation_space}{where}: MultiDiscrete observations must be "
-                    f"one-dimensional, got shape {subspace.shape}; flatten the space to shape "
+                    f"Unsupported observation space {observation_space}{_key_text(key)}: MultiDiscrete observations "
+                    f"must be one-dimensional, got shape {subspace.shape}; flatten the space to shape "
                     f"({int(np.prod(subspace.shape))},)"
+                )
+
+    def _check_flattened_observations(self) -> None:
+        """
+        SB3's ``FlattenExtractor`` and ``CombinedExtractor`` flatten from dimension 1, so a 0-d Box observation (a
+        batch of scalars) fails in the first rollout: name it at construction. A features extractor of the user's own
+        may take it, and is left to do so.
+        """
+        names = ("features_extractor", "pi_features_extractor", "vf_features_extractor")
+        extractors = [getattr(self.policy, name, None) for name in names]
+        if not any(type(extractor) in (FlattenExtractor, CombinedExtractor) for extractor in extractors):
+            return
+        for key, subspace in named_subspaces(self.observation_space):
+            if isinstance(subspace, spaces.Box) and len(subspace.shape) == 0:
+                raise UnsupportedObservationSpaceError(
+                    f"Unsupported observation space {self.observation_space}{_key_text(key)}: SB3's features "
+                    "extractors need Box observations of at least one dimension, got shape (); use shape (1,) (e.g. "
+                    "gymnasium.wrappers.ReshapeObservation(env, (1,))) or a features_extractor_class that takes scalars"
                 )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -559,6 +589,7 @@ class TRPO(OnPolicyAlgorithm):
     # ----------------------------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
         super()._setup_model()
+        self._check_flattened_observations()
         self._reset_parameter_caches()
 
     def _reset_parameter_caches(self) -> None:
