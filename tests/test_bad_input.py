@@ -149,8 +149,10 @@ def test_unsupported_action_space_names_the_space(action_space: spaces.Space, re
         (spaces.Box(-1.0, 1.0, shape=()), "at least one dimension, got shape ()"),
         (spaces.Dict({"vector": BOX, "scalar": spaces.Box(-1.0, 1.0, shape=())}), "(key 'scalar')"),
         (spaces.MultiDiscrete([[2, 3], [2, 3]]), "one-dimensional, got shape (2, 2)"),
+        (spaces.Discrete(3, start=1), "must start at 0 (SB3 one-hot encodes values 0 to n - 1), got start=1"),
+        (spaces.Dict({"vector": BOX, "codes": spaces.MultiDiscrete([3, 3], start=[0, -1])}), "(key 'codes')"),
     ],
-    ids=["tuple", "0d-box", "dict-with-0d-box", "2d-multidiscrete"],
+    ids=["tuple", "0d-box", "dict-with-0d-box", "2d-multidiscrete", "shifted-discrete", "dict-with-shifted-multidiscrete"],
 )
 @pytest.mark.parametrize("algo", [TRPO, MaskableTRPO, RecurrentTRPO], ids=lambda cls: cls.__name__)
 def test_unsupported_observation_space_names_the_space(observation_space: spaces.Space, reason: str, algo: type) -> None:
@@ -419,3 +421,17 @@ def test_recurrent_trpo_names_multidiscrete_observations_its_lstm_cannot_take(ob
     with pytest.raises(ValueError, match="LSTM policies cannot take MultiDiscrete observations") as error:
         RecurrentTRPO(policy, SpaceEnv(observation_space, spaces.Discrete(2)))
     assert str(observation_space) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "action_space",
+    [spaces.Discrete(2, start=2), spaces.MultiDiscrete([2, 2], start=[1, 0])],
+    ids=["discrete", "multidiscrete"],
+)
+def test_shifted_discrete_actions_are_warned_about_once_and_still_train(action_space: spaces.Space) -> None:
+    # SB3 (and sb3-contrib) draw actions from 0 and send them unshifted; SB3's check_env warns, so does TRPO
+    with pytest.warns(UserWarning, match="with a non-zero start") as record:
+        model = TRPO("MlpPolicy", SpaceEnv(BOX, action_space), n_steps=16, batch_size=16)
+    assert sum("non-zero start" in str(w.message) for w in record) == 1
+    assert str(action_space) in str(next(w.message for w in record if "non-zero start" in str(w.message)))
+    model.learn(32)

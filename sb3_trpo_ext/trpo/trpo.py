@@ -121,6 +121,18 @@ def _key_text(key: str | None) -> str:
     return "" if key is None else f" (key {key!r})"
 
 
+def _warn_for_shifted_actions(action_space: spaces.Space) -> None:
+    """As SB3's ``check_env``: a (Multi)Discrete action space whose values do not start at 0 is not what SB3 samples."""
+    if isinstance(action_space, (spaces.Discrete, spaces.MultiDiscrete)) and np.any(action_space.start != 0):
+        warnings.warn(
+            f"{type(action_space).__name__} action space {action_space} with a non-zero start "
+            f"(start={action_space.start}): SB3's policies draw actions from 0 and the environment receives them "
+            "unshifted; give the space start=0 and shift the actions in the environment (or a wrapper)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _gymnasium_spaces(env: GymEnv) -> bool:
     """Whether the env's spaces are Gymnasium spaces (not those of an OpenAI Gym env, which SB3 converts)."""
     return isinstance(getattr(env, "observation_space", None), spaces.Space) and isinstance(
@@ -301,6 +313,7 @@ class TRPO(OnPolicyAlgorithm):
         )
         if self.env is not None:
             self._check_spaces(self.observation_space, self.action_space)
+            _warn_for_shifted_actions(self.action_space)
             buffer_size = self.env.num_envs * self.n_steps
             self._check_normalizable(normalize_advantage, n_steps, self.env.num_envs)
             if buffer_size % batch_size > 0:
@@ -475,6 +488,12 @@ class TRPO(OnPolicyAlgorithm):
                 "MultiBinary observations, and a Dict of those"
             )
         for key, subspace in named:
+            if isinstance(subspace, (spaces.Discrete, spaces.MultiDiscrete)) and np.any(subspace.start != 0):
+                raise UnsupportedObservationSpaceError(  # SB3 one-hot encodes observations from 0
+                    f"Unsupported observation space {observation_space}{_key_text(key)}: {type(subspace).__name__} "
+                    f"observations must start at 0 (SB3 one-hot encodes values 0 to n - 1), got start={subspace.start}; "
+                    "shift them in the environment (or a wrapper) and give the space start=0"
+                )
             if isinstance(subspace, spaces.MultiDiscrete) and len(subspace.shape) != 1:  # SB3 one-hot encodes a 1-D nvec
                 raise UnsupportedObservationSpaceError(
                     f"Unsupported observation space {observation_space}{_key_text(key)}: MultiDiscrete observations "
