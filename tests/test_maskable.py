@@ -567,13 +567,15 @@ def test_cnn_policy_with_random_masks(share_features_extractor: bool) -> None:
         invalid = rng.integers(env.action_space.n)  # type: ignore[attr-defined]
         return [i != invalid for i in range(env.action_space.n)]  # type: ignore[attr-defined]
 
-    env = ActionMasker(FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True), one_random_invalid_action)
+    image_env = FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True)
+    image_env.observation_space.seed(0)  # FakeImageEnv samples its images from the space: seeded, the same every run
+    env = ActionMasker(image_env, one_random_invalid_action)
     policy_kwargs = {
         "net_arch": [8],
         "share_features_extractor": share_features_extractor,
         "features_extractor_kwargs": {"features_dim": 16},
     }
-    model = MaskableTRPO("CnnPolicy", env, n_steps=16, batch_size=16, policy_kwargs=policy_kwargs)
+    model = MaskableTRPO("CnnPolicy", env, n_steps=16, batch_size=16, policy_kwargs=policy_kwargs, seed=0)
     model.learn(32)
     assert model.logger.name_to_value["train/line_search_success"] == 1.0
 

@@ -351,8 +351,9 @@ def test_gsde_and_cnn_lstm_policy() -> None:
     model.learn(48)
     assert model.logger.name_to_value["train/line_search_success"] == 1.0
     image_env = FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True)
+    image_env.observation_space.seed(0)  # FakeImageEnv samples its images from the space: seeded, the same every run
     cnn_kwargs = {**TINY_LSTM, "features_extractor_kwargs": {"features_dim": 16}}
-    model = RecurrentTRPO("CnnLstmPolicy", image_env, n_steps=16, batch_size=16, policy_kwargs=cnn_kwargs)
+    model = RecurrentTRPO("CnnLstmPolicy", image_env, n_steps=16, batch_size=16, policy_kwargs=cnn_kwargs, seed=0)
     model.learn(32)
     assert model.logger.name_to_value["train/line_search_success"] == 1.0
 
@@ -365,8 +366,9 @@ def test_fisher_product_leaves_every_parameter_object_in_place(jvp: str) -> None
     from stable_baselines3.common.envs import FakeImageEnv
 
     image_env = FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True)
+    image_env.observation_space.seed(0)  # FakeImageEnv samples its images from the space: seeded, the same every run
     cnn_kwargs = {**TINY_LSTM, "features_extractor_kwargs": {"features_dim": 16}}
-    model = RecurrentTRPO("CnnLstmPolicy", image_env, n_steps=16, batch_size=16, policy_kwargs=cnn_kwargs)
+    model = RecurrentTRPO("CnnLstmPolicy", image_env, n_steps=16, batch_size=16, policy_kwargs=cnn_kwargs, seed=0)
     before = dict(model.policy.named_parameters(remove_duplicate=False))
     if jvp == "forward_mode":
         model._refresh_parameter_caches()
@@ -472,6 +474,7 @@ def test_tangent_recurrence_follows_the_features_extractor() -> None:
     from stable_baselines3.common.envs import FakeImageEnv
 
     image_env = FakeImageEnv(screen_height=36, screen_width=36, n_channels=1, discrete=True)
+    image_env.observation_space.seed(0)  # FakeImageEnv samples its images from the space: seeded, the same every run
     cnn_kwargs = {**TINY_LSTM, "features_extractor_kwargs": {"features_dim": 16}}
     model = RecurrentTRPO("CnnLstmPolicy", image_env, n_steps=16, batch_size=16, policy_kwargs=cnn_kwargs, seed=0)
     _, callback = model._setup_learn(16, None)
