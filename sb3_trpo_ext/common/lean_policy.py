@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributions import Normal
 from torch.nn import functional as F
 
-from sb3_trpo_ext.common.policy_utils import runs_as_defined
+from sb3_trpo_ext.common.policy_utils import all_finite, runs_as_defined
 
 PolicyStep = Callable[[PyTorchObs], tuple[np.ndarray, th.Tensor, th.Tensor]]
 PolicyHeads = Callable[[th.Tensor, th.Tensor], tuple[np.ndarray, th.Tensor, th.Tensor]]
@@ -206,7 +206,7 @@ def explain_undefined_distribution(
             f"The policy's action distribution is NaN for environment index {_rows_text(rows)}: "
             "its observation holds NaN or inf (VecCheckNan finds where)"
         ) from error
-    if not all(bool(th.isfinite(p).all()) for p in policy.parameters()):
+    if not all_finite(list(policy.parameters())):
         raise ValueError("The policy's action distribution is NaN: the policy's weights hold NaN or inf") from error
 
 
