@@ -16,6 +16,7 @@ from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
 from sb3_contrib.common.maskable.evaluation import evaluate_policy
 from sb3_contrib.common.maskable.utils import get_action_masks
 from sb3_contrib.common.wrappers import ActionMasker
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import IdentityEnv, IdentityEnvBox
 from stable_baselines3.common.policies import ActorCriticPolicy
@@ -623,3 +624,44 @@ def test_lean_rollout_fills_the_buffer_identically_to_the_policy_forward(kind: s
     np.testing.assert_array_equal(lean.rollout_buffer.action_masks, generic.rollout_buffer.action_masks)
     assert lean.rollout_buffer.action_masks.min() == 0.0  # some actions were masked
     assert lean.rollout_buffer.episode_starts.sum() > 0
+
+
+class HookLocals(BaseCallback):
+    """The ``locals`` keys (and the ``use_masking`` value) each hook sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, set[str]] = {}
+        self.use_masking: dict[str, Any] = {}
+
+    def _record(self, hook: str) -> None:
+        self.seen.setdefault(hook, set()).update(self.locals)
+        self.use_masking.setdefault(hook, self.locals.get("use_masking", "missing"))
+
+    def _on_training_start(self) -> None:
+        self._record("training_start")
+
+    def _on_rollout_start(self) -> None:
+        self._record("rollout_start")
+
+    def _on_step(self) -> bool:
+        self._record("step")
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self._record("rollout_end")
+
+
+@pytest.mark.parametrize("use_masking", [True, False])
+def test_callbacks_see_maskable_ppos_locals_at_every_hook(use_masking: bool) -> None:
+    recorded = {}
+    for algo in (MaskableTRPO, MaskablePPO):
+        model = algo("MlpPolicy", make_masked_env("discrete"), n_steps=16, batch_size=16, seed=0)
+        recorder = HookLocals()
+        model.learn(32, callback=[recorder], use_masking=use_masking)
+        recorded[algo] = recorder
+    ours, theirs = recorded[MaskableTRPO], recorded[MaskablePPO]
+    assert set(theirs.seen) == set(ours.seen) == {"training_start", "rollout_start", "step", "rollout_end"}
+    for hook, keys in theirs.seen.items():
+        assert keys <= ours.seen[hook], (hook, keys - ours.seen[hook])
+    assert ours.use_masking == theirs.use_masking == dict.fromkeys(theirs.seen, use_masking)

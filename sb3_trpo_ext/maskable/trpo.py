@@ -13,7 +13,7 @@ from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer, Maska
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from sb3_contrib.common.maskable.utils import is_masking_supported
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import is_vectorized_observation, obs_as_tensor
@@ -42,6 +42,24 @@ def unmasked_logits(distribution: Any) -> DistParams | None:
     if not components or not all(isinstance(getattr(c, "_original_logits", None), th.Tensor) for c in components):
         return None
     return DistParams(CATEGORICAL, tuple(c._original_logits for c in components))
+
+
+class _LearnArguments(CallbackList):
+    """
+    The callbacks of one ``learn`` call, whose ``on_training_start`` also sees the arguments of
+    :meth:`MaskableTRPO.learn` that SB3's ``OnPolicyAlgorithm.learn`` does not take (``use_masking``), as the
+    callbacks of ``MaskablePPO`` do. Only the training-start ``locals`` change; every hook passes through.
+    """
+
+    def __init__(self, callback: BaseCallback, **arguments: Any) -> None:
+        super().__init__([callback])
+        self._arguments = arguments
+
+    def _init_callback(self) -> None:
+        pass  # the callbacks inside were initialised by SB3's _setup_learn
+
+    def on_training_start(self, locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
+        super().on_training_start({**locals_, **self._arguments}, globals_)
 
 
 class MaskableTRPO(TRPO):
@@ -492,6 +510,21 @@ class MaskableTRPO(TRPO):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        total_timesteps, callback = super()._setup_learn(
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
+        wrapped = _LearnArguments(callback, use_masking=self._use_masking)
+        wrapped.init_callback(self)
+        return total_timesteps, wrapped
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_action_masks", "_unmasked", "_use_masking"]
