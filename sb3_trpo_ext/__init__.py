@@ -41,3 +41,8 @@ def __getattr__(name: str) -> Any:
             raise
         return getattr(module, name)
     raise AttributeError(f"module 'sb3_trpo_ext' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazily imported classes are listed too (tab completion, introspection), as sb3_contrib lists its own
+    return sorted({*globals(), *_LAZY})

@@ -627,16 +627,24 @@ def test_lean_rollout_fills_the_buffer_identically_to_the_policy_forward(kind: s
 
 
 class HookLocals(BaseCallback):
-    """The ``locals`` keys (and the ``use_masking`` value) each hook sees."""
+    """The ``locals`` keys each hook sees, and the first ``use_masking``, ``callback`` and ``action_masks`` it sees."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: dict[str, set[str]] = {}
-        self.use_masking: dict[str, Any] = {}
+        self.first: dict[str, dict[str, Any]] = {}
 
     def _record(self, hook: str) -> None:
         self.seen.setdefault(hook, set()).update(self.locals)
-        self.use_masking.setdefault(hook, self.locals.get("use_masking", "missing"))
+        masks = self.locals.get("action_masks")
+        self.first.setdefault(
+            hook,
+            {
+                "use_masking": self.locals.get("use_masking", "missing"),
+                "callback": type(self.locals.get("callback")).__name__,
+                "action_masks": None if masks is None else (masks.dtype, masks.tolist()),
+            },
+        )
 
     def _on_training_start(self) -> None:
         self._record("training_start")
@@ -652,11 +660,29 @@ class HookLocals(BaseCallback):
         self._record("rollout_end")
 
 
+class ComponentRowMasks(gym.Env):
+    """MultiDiscrete([3, 3]) actions whose masks come as integers, one row per component (sb3-contrib reads any layout)."""
+
+    observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)
+    action_space = gym.spaces.MultiDiscrete([3, 3])
+
+    def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        return np.zeros(3, np.float32), float(action[0] == 1), False, False, {}
+
+    def action_masks(self) -> np.ndarray:
+        return np.array([[0, 1, 1], [1, 0, 1]])
+
+
 @pytest.mark.parametrize("use_masking", [True, False])
-def test_callbacks_see_maskable_ppos_locals_at_every_hook(use_masking: bool) -> None:
+@pytest.mark.parametrize("env_fn", [lambda: make_masked_env("discrete"), ComponentRowMasks], ids=["discrete", "int-rows"])
+def test_callbacks_see_maskable_ppos_locals_at_every_hook(use_masking: bool, env_fn: Any) -> None:
     recorded = {}
     for algo in (MaskableTRPO, MaskablePPO):
-        model = algo("MlpPolicy", make_masked_env("discrete"), n_steps=16, batch_size=16, seed=0)
+        model = algo("MlpPolicy", make_vec_env(env_fn, n_envs=2, seed=0), n_steps=16, batch_size=16, seed=0)
         recorder = HookLocals()
         model.learn(32, callback=[recorder], use_masking=use_masking)
         recorded[algo] = recorder
@@ -664,4 +690,8 @@ def test_callbacks_see_maskable_ppos_locals_at_every_hook(use_masking: bool) -> 
     assert set(theirs.seen) == set(ours.seen) == {"training_start", "rollout_start", "step", "rollout_end"}
     for hook, keys in theirs.seen.items():
         assert keys <= ours.seen[hook], (hook, keys - ours.seen[hook])
-    assert ours.use_masking == theirs.use_masking == dict.fromkeys(theirs.seen, use_masking)
+    # the same use_masking from training start on, the same callback object, the masks as the environments return them
+    assert ours.first == theirs.first
+    assert {hook: first["use_masking"] for hook, first in ours.first.items()} == dict.fromkeys(ours.seen, use_masking)
+    assert ours.first["training_start"]["callback"] == "CallbackList"
+    assert (ours.first["step"]["action_masks"] is not None) == use_masking

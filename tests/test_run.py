@@ -208,6 +208,13 @@ def test_trpo_needs_no_sb3_contrib_and_the_extras_say_what_they_need() -> None:
     assert "needs sb3-contrib" in result.stdout
 
 
+def test_the_package_lists_every_export_including_the_lazily_imported_ones() -> None:
+    import sb3_trpo_ext
+
+    assert set(sb3_trpo_ext.__all__) <= set(dir(sb3_trpo_ext))
+    assert all(hasattr(sb3_trpo_ext, name) for name in sb3_trpo_ext.__all__)
+
+
 @pytest.mark.parametrize("algorithm", ["TRPO", "TRPO-gSDE", "RecurrentTRPO"])
 def test_train_std_is_the_policys_after_the_update(algorithm: str) -> None:
     # As SB3's PPO and sb3-contrib's TRPO: exp(log_std).mean() of the policy the update leaves, not the one before

@@ -13,7 +13,7 @@ from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer, Maska
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 from sb3_contrib.common.maskable.utils import is_masking_supported
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
 from stable_baselines3.common.utils import is_vectorized_observation, obs_as_tensor
@@ -44,22 +44,26 @@ def unmasked_logits(distribution: Any) -> DistParams | None:
     return DistParams(CATEGORICAL, tuple(c._original_logits for c in components))
 
 
-class _LearnArguments(CallbackList):
+def _pass_learn_arguments(callback: BaseCallback, **arguments: Any) -> None:
     """
-    The callbacks of one ``learn`` call, whose ``on_training_start`` also sees the arguments of
-    :meth:`MaskableTRPO.learn` that SB3's ``OnPolicyAlgorithm.learn`` does not take (``use_masking``), as the
-    callbacks of ``MaskablePPO`` do. Only the training-start ``locals`` change; every hook passes through.
+    Have the next ``on_training_start`` of ``callback`` (the one SB3's ``OnPolicyAlgorithm.learn`` makes right after
+    ``_setup_learn``) also see ``arguments`` in its ``locals``: the arguments of :meth:`MaskableTRPO.learn` that SB3's
+    ``learn`` does not take, which ``MaskablePPO``'s callbacks see there. The callback object itself is unchanged
+    (``locals["callback"]`` is still the user's), and the method is restored by its first call.
     """
+    own = vars(callback)
+    previous = own.get("on_training_start", None)
+    had_own = "on_training_start" in own
+    on_training_start = callback.on_training_start
 
-    def __init__(self, callback: BaseCallback, **arguments: Any) -> None:
-        super().__init__([callback])
-        self._arguments = arguments
+    def with_arguments(locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
+        if had_own:
+            own["on_training_start"] = previous
+        else:
+            own.pop("on_training_start", None)
+        on_training_start({**locals_, **arguments}, globals_)
 
-    def _init_callback(self) -> None:
-        pass  # the callbacks inside were initialised by SB3's _setup_learn
-
-    def on_training_start(self, locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
-        super().on_training_start({**locals_, **self._arguments}, globals_)
+    own["on_training_start"] = with_arguments
 
 
 class MaskableTRPO(TRPO):
@@ -218,13 +222,19 @@ class MaskableTRPO(TRPO):
     # ----------------------------------------------------------------------------------------------------------
     # Rollouts
     # ----------------------------------------------------------------------------------------------------------
-    def _action_masks_fn(self, env: VecEnv) -> Callable[[], np.ndarray]:
+    def _action_masks_fn(self, env: VecEnv) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
         """
-        The masks of every environment for its current state (``get_action_masks(env)``), checked: an empty mask
+        The masks of every environment for its current state: as ``get_action_masks(env)`` returns them (what
+        ``MaskablePPO``'s callbacks see), and checked, as a boolean array of one row per environment: an empty mask
         raises, naming the environment index.
         """
         masks_of, action_space, n_envs = make_mask_getter(env), self.action_space, env.num_envs
-        return lambda: check_action_masks(masks_of(), action_space, n_envs)
+
+        def masks() -> tuple[np.ndarray, np.ndarray]:
+            raw = masks_of()
+            return raw, check_action_masks(raw, action_space, n_envs)
+
+        return masks
 
     def _lean_masked_step(self) -> Callable[[PyTorchObs, np.ndarray | None], tuple[np.ndarray, th.Tensor, th.Tensor]]:
         """
@@ -330,7 +340,8 @@ class MaskableTRPO(TRPO):
             raise ValueError("Environment does not support action masking. Consider using ActionMasker wrapper")
         self.policy.set_training_mode(False)
         n_steps = 0
-        action_masks: np.ndarray | None = None
+        action_masks: np.ndarray | None = None  # as the environments return them, for the callbacks
+        checked_masks: np.ndarray | None = None  # one boolean row per environment
         rollout_buffer.reset()
         direct_add = make_buffer_add(rollout_buffer, classes=(MaskableRolloutBuffer,))
         mask_shape = (rollout_buffer.n_envs, getattr(rollout_buffer, "mask_dims", 0))
@@ -343,8 +354,8 @@ class MaskableTRPO(TRPO):
             with th.no_grad():
                 obs_tensor = rollout_obs_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
                 if use_masking:
-                    action_masks = current_masks()
-                actions, values, log_probs = policy_step(obs_tensor, action_masks)
+                    action_masks, checked_masks = current_masks()
+                actions, values, log_probs = policy_step(obs_tensor, checked_masks)
             new_obs, rewards, dones, infos = env_step(actions)
             self.num_timesteps += env.num_envs
 
@@ -372,11 +383,11 @@ class MaskableTRPO(TRPO):
                     self._last_episode_starts,  # type: ignore[arg-type]
                     values,
                     log_probs,
-                    action_masks=action_masks,
+                    action_masks=checked_masks,
                 )
             else:  # MaskableRolloutBuffer.add: the masks, then RolloutBuffer.add
-                if action_masks is not None:
-                    rollout_buffer.action_masks[rollout_buffer.pos] = action_masks.reshape(mask_shape)
+                if checked_masks is not None:
+                    rollout_buffer.action_masks[rollout_buffer.pos] = checked_masks.reshape(mask_shape)
                 direct_add(self._last_obs, actions, rewards, self._last_episode_starts, values, log_probs)  # type: ignore[arg-type]
             self._last_obs = new_obs  # type: ignore[assignment]
             self._last_episode_starts = dones
@@ -522,9 +533,8 @@ class MaskableTRPO(TRPO):
         total_timesteps, callback = super()._setup_learn(
             total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
         )
-        wrapped = _LearnArguments(callback, use_masking=self._use_masking)
-        wrapped.init_callback(self)
-        return total_timesteps, wrapped
+        _pass_learn_arguments(callback, use_masking=self._use_masking)
+        return total_timesteps, callback
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_action_masks", "_unmasked", "_use_masking"]
