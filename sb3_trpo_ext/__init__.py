@@ -44,5 +44,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    # the lazily imported classes are listed too (tab completion, introspection), as sb3_contrib lists its own
+    # the lazily imported classes are listed too (tab completion, introspection)
     return sorted({*globals(), *_LAZY})

@@ -51,6 +51,11 @@ BAD_HYPERPARAMETERS = [
     ("learning_rate", -1e-3, ">= 0, or a schedule"),
     ("learning_rate", float("inf"), ">= 0, or a schedule"),
     ("learning_rate", "0.001", ">= 0, or a schedule"),
+    # flags given as strings would count as true ("no", "False")
+    ("use_sde", "no", "True or False"),
+    ("normalize_advantage", "False", "True or False"),
+    ("sde_sample_freq", 2.5, "an integer"),
+    ("sde_sample_freq", "4", "an integer"),
 ]
 
 
@@ -190,6 +195,10 @@ def test_invalid_hyperparameter_set_after_construction_fails_before_anything_is_
         setattr(model, name, value)
     else:
         model.save(tmp_path / "model")
+        if name == "use_sde":  # it decides which policy load builds: refused there, before the policy is built
+            with pytest.raises(ValueError, match=re.escape(f"{name}={value!r}: it must be {valid_range}")):
+                TRPO.load(tmp_path / "model", env=model.get_env(), custom_objects={name: value})
+            return
         model = TRPO.load(tmp_path / "model", env=model.get_env(), custom_objects={name: value})
     before = weights(model)
     with pytest.raises(ValueError) as error:
@@ -312,12 +321,41 @@ def test_nan_observation_under_multi_actions_names_the_environment_index(action_
     assert unchanged(before, model)
 
 
+class NaNWeightAtRolloutStart(BaseCallback):
+    """Writes a NaN into the action head when the rollout starts (after learn's own check of the weights)."""
+
+    def _on_rollout_start(self) -> None:
+        with th.no_grad():
+            self.model.policy.action_net.weight[0, 0] = float("nan")  # type: ignore[union-attr]
+
+    def _on_step(self) -> bool:
+        return True
+
+
 def test_nan_weights_under_sb3_rollout_step_are_named() -> None:
     model = generic_rollout_step(TRPO("MlpPolicy", NaNAfter(spaces.MultiBinary(3)), n_steps=16, batch_size=16, seed=0))
-    with th.no_grad():
-        model.policy.action_net.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"action distribution is NaN: the policy's weights hold NaN or inf"):
+        model.learn(16, callback=NaNWeightAtRolloutStart())
+
+
+@pytest.mark.parametrize(
+    "algo,policy,env", [(TRPO, "MlpPolicy", "Pendulum-v1"), (RecurrentTRPO, "MlpLstmPolicy", "Pendulum-v1")]
+)
+@pytest.mark.parametrize("how", ["policy_kwargs", "set_parameters"])
+def test_nan_weights_from_outside_are_named_before_anything_is_collected(
+    algo: type[TRPO], policy: str, env: str, how: str
+) -> None:
+    # Gaussian actions: the lean step has no distribution check, NaN actions would reach the environments and every
+    # update would be skipped (sb3-contrib stops at torch's check of Normal(scale=nan))
+    kwargs = {"log_std_init": float("nan")} if how == "policy_kwargs" else {}
+    model = algo(policy, env, n_steps=16, batch_size=16, seed=0, policy_kwargs={"net_arch": [8], **kwargs})
+    if how == "set_parameters":
+        params = model.get_parameters()
+        params["policy"]["log_std"] = th.full_like(params["policy"]["log_std"], float("nan"))
+        model.set_parameters(params)
+    with pytest.raises(ValueError, match=r"The policy's weights hold NaN or inf \(log_std\)"):
         model.learn(16)
+    assert model.num_timesteps == 0
 
 
 def test_only_the_distribution_check_is_translated() -> None:
@@ -435,3 +473,192 @@ def test_shifted_discrete_actions_are_warned_about_once_and_still_train(action_s
     assert sum("non-zero start" in str(w.message) for w in record) == 1
     assert str(action_space) in str(next(w.message for w in record if "non-zero start" in str(w.message)))
     model.learn(32)
+
+
+def other_network_parameters(algo: type[TRPO], policy: str, env: str) -> tuple[TRPO, dict[str, Any]]:
+    """A model, and the parameters of the same class with other hidden layers (after an update: Adam has state)."""
+    model = algo(policy, env, n_steps=16, batch_size=16, seed=0, policy_kwargs={"net_arch": [16]})
+    other = algo(policy, env, n_steps=16, batch_size=16, seed=1, policy_kwargs={"net_arch": [8, 8]})
+    model.learn(16)
+    other.learn(16)
+    return model, other.get_parameters()
+
+
+def optimizer_state(model: TRPO) -> list[th.Tensor]:
+    return [t.clone() for state in model.policy.optimizer.state.values() for t in state.values()]
+
+
+@pytest.mark.parametrize(
+    "algo,policy,env", [(TRPO, "MlpPolicy", "CartPole-v1"), (RecurrentTRPO, "MlpLstmPolicy", "CartPole-v1")]
+)
+@pytest.mark.parametrize("given", ["everything", "policy only"])
+def test_set_parameters_that_do_not_fit_leave_the_model_as_it_was(
+    algo: type[TRPO], policy: str, env: str, given: str, tmp_path: Path
+) -> None:
+    # SB3's set_parameters copies every tensor whose name matches before it finds the mismatch
+    model, params = other_network_parameters(algo, policy, env)
+    own = model.get_parameters()
+    if given == "policy only":  # the right network, but the optimizer missing: the names do not match
+        params = {"policy": {name: tensor.clone() for name, tensor in own["policy"].items()}}
+        with th.no_grad():
+            for param in model.policy.parameters():
+                param.add_(1.0)  # so that loading own["policy"] would show
+    before, adam_before = weights(model), optimizer_state(model)
+    with pytest.raises((RuntimeError, ValueError)):
+        model.set_parameters(params)
+    assert unchanged(before, model)
+    assert all(th.equal(a, b) for a, b in zip(adam_before, optimizer_state(model), strict=True))
+    model.learn(32, reset_num_timesteps=False)  # still trains, and saves
+    model.save(tmp_path / "model")
+
+
+def test_optimizer_state_of_another_network_is_refused_before_training() -> None:
+    # The same number of tensors passes set_parameters; PyTorch's fused Adam kernel would then read and write past the
+    # ends of the smaller moments (a crash of the process): run in a child process so that a regression fails here
+    import subprocess
+    import sys
+
+    code = (
+        "import torch as th\n"
+        "from sb3_trpo_ext import TRPO\n"
+        "def make(net, seed):\n"
+        "    return TRPO('MlpPolicy', 'CartPole-v1', n_steps=16, batch_size=16, seed=seed, policy_kwargs={'net_arch': net})\n"
+        "model, other = make([64], 0), make([8], 1)\n"
+        "model.learn(16); other.learn(16)\n"
+        "params = model.get_parameters()\n"
+        "params['policy.optimizer'] = other.get_parameters()['policy.optimizer']\n"
+        "model.set_parameters(params)\n"
+        "before = [p.clone() for p in model.policy.parameters()]\n"
+        "try:\n"
+        "    model.learn(64, reset_num_timesteps=False)\n"
+        "except ValueError as error:\n"
+        "    print('REFUSED', error)\n"
+        "print('UNCHANGED', all(th.equal(a, b) for a, b in zip(before, model.policy.parameters())))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "REFUSED The optimizer's state does not fit its parameters" in result.stdout
+    assert "of shape (8, 4)" in result.stdout and "of shape (64, 4)" in result.stdout
+    assert "UNCHANGED True" in result.stdout
+
+
+def test_string_masks_are_refused_not_read_as_all_valid() -> None:
+    from sb3_trpo_ext.maskable.masks import check_action_masks
+
+    with pytest.raises(ValueError, match=r"booleans or numbers.*dtype <U1"):
+        check_action_masks(np.array(["0", "0", "1"]), spaces.Discrete(3), n_envs=1)
+    with pytest.raises(ValueError, match=r"booleans or numbers.*dtype object"):
+        check_action_masks(np.array([True, None, 1], dtype=object), spaces.Discrete(3), n_envs=1)
+    mixed = check_action_masks(np.array([True, 0, 1], dtype=object), spaces.Discrete(3), n_envs=1)  # as astype(bool)
+    assert mixed.tolist() == [[True, False, True]]
+    model = MaskableTRPO("MlpPolicy", InvalidActionEnvDiscrete(dim=3, n_invalid_actions=1), n_steps=16, batch_size=16)
+    with pytest.raises(ValueError, match=r"booleans or numbers"):
+        model.predict(model.observation_space.sample(), action_masks=["False", "False", "True"])
+
+
+def test_n_steps_changed_on_a_built_model_is_named_before_anything_is_collected(tmp_path: Path) -> None:
+    model = TRPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=16, seed=0)
+    model.n_steps = 64
+    with pytest.raises(ValueError, match=r"n_steps=64: the model's rollout buffer was built for n_steps=32"):
+        model.learn(64)
+    assert model.num_timesteps == 0
+    model.save(tmp_path / "model")  # the way out the message gives
+    loaded = TRPO.load(tmp_path / "model", env=model.get_env(), custom_objects={"n_steps": 64})
+    loaded.learn(128)
+    assert loaded.rollout_buffer.buffer_size == 64
+
+
+@pytest.mark.parametrize("log_interval", [0, "1", 1.5])
+def test_log_interval_is_checked_before_anything_is_collected(log_interval: Any) -> None:
+    model = TRPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=16, seed=0)
+    with pytest.raises(ValueError, match=rf"log_interval must be a non-zero integer.*got {re.escape(repr(log_interval))}"):
+        model.learn(64, log_interval=log_interval)
+    assert model.num_timesteps == 0
+    model.learn(64, log_interval=-1)  # SB3 logs every rollout then (iteration % -1 == 0), and so do we
+
+
+def test_learn_without_an_environment_says_how_to_give_one(tmp_path: Path) -> None:
+    TRPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=16).save(tmp_path / "model")
+    model = TRPO.load(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"no environment to learn from.*set_env"):
+        model.learn(64)
+
+
+@pytest.mark.parametrize(
+    "source,policy,env",
+    [
+        (RecurrentPPO, "MlpLstmPolicy", "CartPole-v1"),
+        (RecurrentTRPO, "MlpLstmPolicy", "CartPole-v1"),
+        (MaskablePPO, "MlpPolicy", InvalidActionEnvDiscrete(dim=5, n_invalid_actions=1)),
+    ],
+)
+def test_trpo_names_the_class_that_runs_another_familys_policy(
+    source: type[BaseAlgorithm], policy: str, env: Any, tmp_path: Path
+) -> None:
+    model = source(policy, env, n_steps=16, batch_size=16)
+    model.save(tmp_path / "model")
+    family = "RecurrentTRPO" if "Lstm" in policy else "MaskableTRPO"
+    message = rf"TRPO cannot train the policy class .*use sb3_trpo_ext\.{family}"
+    if family == "RecurrentTRPO":
+        # an LSTM policy builds under TRPO, so a file still loads and predicts (with its states); learn is refused
+        loaded = TRPO.load(tmp_path / "model", env=model.get_env())
+        obs = model.get_env().reset()
+        _, state = loaded.predict(obs, episode_start=np.ones(len(obs), dtype=bool))
+        loaded.predict(obs, state=state, episode_start=np.zeros(len(obs), dtype=bool))
+        with pytest.raises(ValueError, match=message):
+            loaded.learn(32)
+        assert loaded.num_timesteps == 0
+    else:  # a maskable policy does not even build under TRPO
+        with pytest.raises(ValueError, match=message):
+            TRPO.load(tmp_path / "model", env=model.get_env())
+        with pytest.raises(ValueError, match=message):
+            TRPO(type(model.policy), env, n_steps=16, batch_size=16)
+        with pytest.raises(ValueError, match=r"RecurrentTRPO cannot train the policy class .*use sb3_trpo_ext\.MaskableTRPO"):
+            RecurrentTRPO(type(model.policy), env, n_steps=16, batch_size=16)
+
+
+def test_recurrent_predict_checks_state_and_episode_start_against_the_observations() -> None:
+    model = RecurrentTRPO("MlpLstmPolicy", "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs={"lstm_hidden_size": 8})
+    two = np.zeros((2, 4), dtype=np.float32)
+    _, state = model.predict(two, episode_start=np.ones(2, dtype=bool))
+    assert state[0].shape == (1, 2, 8)
+    model.predict(two, state=state, episode_start=np.zeros(2, dtype=bool))  # the normal use
+    one_env_state = (state[0][:, :1], state[1][:, :1])
+    bad = {
+        "another batch size": (one_env_state, None),  # RecurrentPPO reads the two observations as one sequence
+        "another hidden size": ((np.zeros((1, 2, 9)), np.zeros((1, 2, 9))), None),
+        "a single array": ((state[0],), None),
+        "three arrays": ((*state, state[0]), None),
+        "not a pair": (state[0], None),
+    }
+    for bad_state, starts in bad.values():
+        with pytest.raises(ValueError, match=r"state must be the \(hidden, cell\) pair.*\(1, 2, 8\)"):
+            model.predict(two, state=bad_state, episode_start=starts)
+    for flags in (np.zeros(3, dtype=bool), np.zeros(0, dtype=bool)):
+        with pytest.raises(
+            ValueError,
+            match=rf"episode_start must hold one flag per observation \(2\), got an array of shape \({len(flags)},\)",
+        ):
+            model.predict(two, state=state, episode_start=flags)
+    # one observation, unbatched, with or without a batch axis on its flag
+    model.predict(np.zeros(4, dtype=np.float32), state=None, episode_start=np.ones(1, dtype=bool))
+
+
+def test_an_optimizer_whose_state_is_not_shaped_like_the_parameters_still_trains() -> None:
+    # only Adam's moments are checked against the parameters' shapes (Adafactor keeps factored row / column statistics)
+    model = TRPO(
+        "MlpPolicy",
+        "CartPole-v1",
+        n_steps=16,
+        batch_size=16,
+        seed=0,
+        policy_kwargs={"net_arch": [8], "optimizer_class": th.optim.Adafactor},
+    )
+    model.learn(32)
+    assert any(
+        isinstance(value, th.Tensor) and value.dim() > 0 and value.shape != param.shape
+        for param, state in model.policy.optimizer.state.items()
+        for value in state.values()
+    )
+    model.learn(32, reset_num_timesteps=False)
+    assert model.num_timesteps == 64

@@ -695,3 +695,14 @@ def test_callbacks_see_maskable_ppos_locals_at_every_hook(use_masking: bool, env
     assert {hook: first["use_masking"] for hook, first in ours.first.items()} == dict.fromkeys(ours.seen, use_masking)
     assert ours.first["training_start"]["callback"] == "CallbackList"
     assert (ours.first["step"]["action_masks"] is not None) == use_masking
+
+
+def test_learn_arguments_reach_training_start_once_even_after_a_setup_without_learn() -> None:
+    # a training loop of one's own may call _setup_learn without learn: the arguments it installed must not outlive it
+    recorder = HookLocals()
+    model = MaskableTRPO("MlpPolicy", make_masked_env("discrete"), n_steps=16, batch_size=16, seed=0)
+    model._use_masking = True
+    model._setup_learn(16, callback=recorder)
+    model.learn(16, callback=recorder, use_masking=False)
+    assert recorder.first["training_start"]["use_masking"] is False
+    assert "on_training_start" not in vars(recorder)  # nothing left on the user's object

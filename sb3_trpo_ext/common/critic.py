@@ -96,6 +96,34 @@ def holds_all(optimizer: th.optim.Optimizer, params: Sequence[th.Tensor]) -> boo
     return all(id(p) in held for p in params)
 
 
+#: The per-parameter state of Adam (and AdamW) that has its parameter's shape
+_ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def check_optimizer_state(optimizer: th.optim.Optimizer) -> None:
+    """
+    Raise a ``ValueError`` if one of Adam's moments in ``optimizer``'s state does not have its parameter's shape, dtype
+    or device: an optimizer state saved with another network, which ``set_parameters`` and ``load`` accept when it
+    holds as many tensors. PyTorch's fused Adam kernel does not check, and would read and write past the ends of
+    smaller state tensors. Other state (step counts, other optimizers' factored or quantised statistics) is left alone.
+
+    :param optimizer: The optimizer
+    """
+    for group_index, group in enumerate(optimizer.param_groups):
+        for index, param in enumerate(group["params"]):
+            for key, value in optimizer.state.get(param, {}).items():
+                if key not in _ADAM_MOMENTS or not isinstance(value, th.Tensor):
+                    continue
+                if value.shape != param.shape or value.dtype != param.dtype or value.device != param.device:
+                    raise ValueError(
+                        f"The optimizer's state does not fit its parameters: {key!r} of parameter {index} (group "
+                        f"{group_index}) is a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}, the "
+                        f"parameter a {param.dtype} tensor of shape {tuple(param.shape)} on {param.device}. It was "
+                        "probably saved with another network (set_parameters, load); load the matching optimizer "
+                        "state, or leave the optimizer out of what set_parameters loads"
+                    )
+
+
 class FusedAdam:
     """
     ``optimizer.step()`` of a :func:`fused_adam_compatible` Adam for given gradients: PyTorch's fused Adam kernel
@@ -121,6 +149,7 @@ class FusedAdam:
 
     def state(self) -> AdamState:
         """The Adam state of each parameter, created as ``torch.optim.Adam`` would on its first step."""
+        check_optimizer_state(self.optimizer)  # the fused kernel would not
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for param in self.params:
             state = self.optimizer.state[param]

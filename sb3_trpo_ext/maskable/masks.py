@@ -11,6 +11,7 @@ Background on invalid action masking: https://arxiv.org/abs/2006.14171 (Huang an
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 
@@ -65,6 +66,13 @@ def check_action_masks(
     sizes = mask_component_sizes(action_space)
     length = sum(sizes)
     array = masks.detach().cpu().numpy() if isinstance(masks, th.Tensor) else np.asarray(masks)
+    if array.dtype.kind == "O" and all(isinstance(x, (bool, np.bool_, numbers.Real)) for x in array.flat):
+        array = array.astype(bool)  # a mixed list of booleans and numbers
+    if array.dtype.kind not in "biuf":  # strings ("0", "False") and other objects would all count as valid
+        raise ValueError(
+            f"Action masks must hold booleans or numbers (True / 1: the action is valid), got an array of dtype "
+            f"{array.dtype} for the action space {action_space}"
+        )
     array = array if array.dtype == np.bool_ else array.astype(bool)
     if array.size == 0 or array.size % length != 0 or (n_envs is not None and array.size != n_envs * length):
         plural = "" if n_envs == 1 else "s"

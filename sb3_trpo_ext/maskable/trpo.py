@@ -16,7 +16,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
-from stable_baselines3.common.utils import is_vectorized_observation, obs_as_tensor
+from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from torch.nn import functional as F
@@ -49,20 +49,28 @@ def _pass_learn_arguments(callback: BaseCallback, **arguments: Any) -> None:
     Have the next ``on_training_start`` of ``callback`` (the one SB3's ``OnPolicyAlgorithm.learn`` makes right after
     ``_setup_learn``) also see ``arguments`` in its ``locals``: the arguments of :meth:`MaskableTRPO.learn` that SB3's
     ``learn`` does not take, which ``MaskablePPO``'s callbacks see there. The callback object itself is unchanged
-    (``locals["callback"]`` is still the user's), and the method is restored by its first call.
+    (``locals["callback"]`` is still the user's): an instance attribute, removed by its first call, or by the next
+    installation if it was never called (a ``_setup_learn`` without ``learn``).
     """
     own = vars(callback)
-    previous = own.get("on_training_start", None)
+    stale = getattr(own.get("on_training_start"), "_restore", None)
+    if stale is not None:
+        stale()
     had_own = "on_training_start" in own
+    previous = own.get("on_training_start")
     on_training_start = callback.on_training_start
 
-    def with_arguments(locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
+    def restore() -> None:
         if had_own:
             own["on_training_start"] = previous
         else:
             own.pop("on_training_start", None)
+
+    def with_arguments(locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
+        restore()
         on_training_start({**locals_, **arguments}, globals_)
 
+    with_arguments._restore = restore  # type: ignore[attr-defined]
     own["on_training_start"] = with_arguments
 
 
@@ -118,6 +126,7 @@ class MaskableTRPO(TRPO):
         "MultiInputPolicy": MultiInputPolicy,
     }
     _standard_policy_classes: ClassVar[tuple[type[BasePolicy], ...]] = (MlpPolicy, CnnPolicy, MultiInputPolicy)
+    _other_families: ClassVar[dict[str, str]] = {"RecurrentActorCriticPolicy": "RecurrentTRPO"}
     policy: MaskableActorCriticPolicy  # type: ignore[assignment]
     rollout_buffer: MaskableRolloutBuffer
 
@@ -421,24 +430,6 @@ class MaskableTRPO(TRPO):
                 action_masks, self.action_space, self._observation_count(observation), "observation"
             )
         return self.policy.predict(observation, state, episode_start, deterministic, action_masks=action_masks)
-
-    def _observation_count(self, observation: np.ndarray | dict[str, np.ndarray]) -> int | None:
-        """
-        The number of observations ``predict`` is given (one unless it is a batch), which the masks must match; ``None``
-        where the observation does not fit the space (``policy.predict`` then raises its own error).
-        """
-        # as SB3's obs_to_tensor does before its own check: lists, tuples and Python numbers become arrays
-        if isinstance(observation, dict):
-            observation = {key: np.asarray(value) for key, value in observation.items()}
-        else:
-            observation = np.asarray(observation)
-        try:
-            if not is_vectorized_observation(observation, self.observation_space):  # type: ignore[arg-type]
-                return 1
-        except (ValueError, KeyError):
-            return None
-        first = next(iter(observation.values())) if isinstance(observation, dict) else observation
-        return int(np.shape(first)[0])
 
     # ----------------------------------------------------------------------------------------------------------
     # Training: the masked surrogate (KL, Fisher-vector product and line search follow from it)

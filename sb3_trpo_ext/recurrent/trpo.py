@@ -140,6 +140,7 @@ class RecurrentTRPO(TRPO):
         "MultiInputLstmPolicy": MultiInputLstmPolicy,
     }
     _standard_policy_classes: ClassVar[tuple[type[BasePolicy], ...]] = (MlpLstmPolicy, CnnLstmPolicy, MultiInputLstmPolicy)
+    _other_families: ClassVar[dict[str, str]] = {"MaskableActorCriticPolicy": "MaskableTRPO"}
     policy: RecurrentActorCriticPolicy
     rollout_buffer: RecurrentRolloutBuffer
 
@@ -708,6 +709,56 @@ class RecurrentTRPO(TRPO):
         finally:
             self._sequences = None
         self._log_train_stats(stats, value_losses)
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """
+        The policy's action for an observation (or a batch, one per environment), as ``RecurrentPPO.predict``: pass
+        the ``state`` it returned at the previous step, and ``episode_start`` (True where an episode begins: its
+        state is reset to zero). ``state`` and ``episode_start`` are checked against the observations: a state of
+        another batch size or LSTM size, or flags of another length, raise a ``ValueError`` saying which, where
+        ``RecurrentPPO`` stops inside PyTorch, or silently reads two observations as one environment's sequence.
+
+        :param observation: The observation, or a batch of them (one per environment)
+        :param state: The (hidden, cell) LSTM states returned by the previous call, or None at the start (zeros)
+        :param episode_start: One flag per observation, True where an episode starts (None: no reset)
+        :param deterministic: Whether to return the most likely action instead of a sample
+        :return: The actions and the next (hidden, cell) states
+        """
+        self._check_recurrent_inputs(observation, state, episode_start)
+        return super().predict(observation, state, episode_start, deterministic)
+
+    def _check_recurrent_inputs(self, observation: np.ndarray | dict[str, np.ndarray], state: Any, episode_start: Any) -> None:
+        """Raise a ``ValueError`` if ``state`` or ``episode_start`` does not fit the observations and the policy's LSTM."""
+        if state is None and episode_start is None:
+            return
+        count = self._observation_count(observation)
+        if count is None:
+            return  # the observation does not fit the space: the policy's own check names it
+        layers, _, hidden = self.policy.lstm_hidden_state_shape
+        expected = (layers, count, hidden)
+        if state is not None:
+            shapes = (
+                [tuple(part.shape) if hasattr(part, "shape") else np.shape(part) for part in state]
+                if isinstance(state, (tuple, list))
+                else None
+            )
+            if shapes is None or len(shapes) != 2 or any(shape != expected for shape in shapes):
+                got = f"{len(shapes)} arrays of shapes {shapes}" if shapes is not None else f"a {type(state).__name__}"
+                raise ValueError(
+                    f"state must be the (hidden, cell) pair predict returned for these observations: two arrays of "
+                    f"shape {expected} (LSTM layers, observations, hidden size), got {got}. Pass state=None to start "
+                    "from zeros"
+                )
+        if episode_start is not None:
+            flags = np.shape(episode_start)
+            if int(np.prod(flags)) != count:
+                raise ValueError(f"episode_start must hold one flag per observation ({count}), got an array of shape {flags}")
 
     def learn(
         self: SelfRecurrentTRPO,

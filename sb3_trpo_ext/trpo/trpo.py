@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -17,14 +18,15 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.save_util import recursive_getattr
 from stable_baselines3.common.torch_layers import CombinedExtractor, FlattenExtractor
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
-from stable_baselines3.common.utils import explained_variance, obs_as_tensor, update_learning_rate
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule, TensorDict
+from stable_baselines3.common.utils import explained_variance, is_vectorized_observation, obs_as_tensor, update_learning_rate
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_trpo_ext.common.contrib_compat import kl_dimension_factor
-from sb3_trpo_ext.common.critic import FastMlpCritic, SavedCritic, optimizer_update
+from sb3_trpo_ext.common.critic import FastMlpCritic, SavedCritic, check_optimizer_state, optimizer_update
 from sb3_trpo_ext.common.errors import UnsupportedActionSpaceError, UnsupportedObservationSpaceError
 from sb3_trpo_ext.common.lean_policy import (
     PolicyStep,
@@ -155,6 +157,9 @@ _VALIDATED = (
     "n_critic_updates",
     "target_kl",
     "sub_sampling_factor",
+    "use_sde",
+    "sde_sample_freq",
+    "normalize_advantage",
 )
 
 
@@ -236,6 +241,12 @@ class TRPO(OnPolicyAlgorithm):
     }
     #: Policy classes whose forward passes the specialised Fisher product and critic fit reproduce (subclasses excluded)
     _standard_policy_classes: ClassVar[tuple[type[BasePolicy], ...]] = (MlpPolicy, CnnPolicy, MultiInputPolicy)
+    #: sb3-contrib policy base classes (by name: sb3-contrib is optional) that this class cannot run, and the class of
+    #: this package that runs them
+    _other_families: ClassVar[dict[str, str]] = {
+        "RecurrentActorCriticPolicy": "RecurrentTRPO",
+        "MaskableActorCriticPolicy": "MaskableTRPO",
+    }
     policy: ActorCriticPolicy
     rollout_buffer: RolloutBuffer
 
@@ -283,6 +294,9 @@ class TRPO(OnPolicyAlgorithm):
             n_critic_updates=n_critic_updates,
             target_kl=target_kl,
             sub_sampling_factor=sub_sampling_factor,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            normalize_advantage=normalize_advantage,
         )
         _warn_contrib_overrides(type(self))
         if not isinstance(env, str) and env is not None and _gymnasium_spaces(env):
@@ -361,6 +375,9 @@ class TRPO(OnPolicyAlgorithm):
         n_critic_updates: int,
         target_kl: float,
         sub_sampling_factor: int,
+        use_sde: bool,
+        sde_sample_freq: int,
+        normalize_advantage: bool,
     ) -> None:
         """Raise a ``ValueError`` naming the first invalid hyperparameter, its value and the valid range."""
 
@@ -391,6 +408,18 @@ class TRPO(OnPolicyAlgorithm):
         _check_range("target_kl", target_kl, finite(target_kl) and target_kl > 0.0, "a finite number > 0")
         _check_range("sub_sampling_factor", sub_sampling_factor, integer(sub_sampling_factor, 1), "an integer >= 1")
 
+        def flag(x: bool) -> bool:  # a string such as "False" would count as true; 0 and 1 are taken as they are
+            return isinstance(x, (bool, np.bool_)) or (isinstance(x, numbers.Integral) and x in (0, 1))
+
+        _check_range("use_sde", use_sde, flag(use_sde), "True or False")
+        _check_range("normalize_advantage", normalize_advantage, flag(normalize_advantage), "True or False")
+        _check_range(
+            "sde_sample_freq",
+            sde_sample_freq,
+            isinstance(sde_sample_freq, numbers.Integral) and not isinstance(sde_sample_freq, bool),
+            "an integer (a new gSDE exploration matrix every sde_sample_freq steps; <= 0: only at rollout start)",
+        )
+
     def _check_hyperparameters(self) -> None:
         """
         The constructor's checks on the model's current hyperparameters, which may have been set after it: by
@@ -408,6 +437,33 @@ class TRPO(OnPolicyAlgorithm):
                 "assignment, or with a new environment): set a valid one on the model, or pass it to load in "
                 "custom_objects"
             ) from None
+        rollout_buffer = getattr(self, "rollout_buffer", None)
+        if rollout_buffer is not None and rollout_buffer.buffer_size != self.n_steps:
+            raise ValueError(
+                f"Invalid hyperparameter n_steps={self.n_steps!r}: the model's rollout buffer was built for "
+                f"n_steps={rollout_buffer.buffer_size}, and n_steps cannot change on a built model. Set it back, or load the "
+                f"model with custom_objects={{'n_steps': {self.n_steps!r}}}, which builds the buffer anew"
+            )
+
+    def _check_trainable_state(self) -> None:
+        """
+        Refuse to train from weights or an optimizer state that no update of this class produces (updates that would
+        leave NaN or inf are skipped or undone): non-finite weights set or loaded from outside (``set_parameters``,
+        ``load``, ``policy_kwargs`` such as ``log_std_init``, an assignment) would send NaN actions to the
+        environments and skip every update, and an optimizer state of another network's shapes would be read past its
+        ends by PyTorch's fused Adam kernel.
+        """
+        if not all_finite(list(self.policy.parameters())):  # one check per device; the names only when it fails
+            bad = [name for name, param in self.policy.named_parameters() if not all_finite([param])]
+            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            raise ValueError(
+                f"The policy's weights hold NaN or inf ({shown}): they were set or loaded from outside training "
+                "(set_parameters, load, policy_kwargs such as log_std_init, an assignment); this class's updates never "
+                "leave non-finite weights. Load or set finite weights before learn()"
+            )
+        optimizer = getattr(self.policy, "optimizer", None)
+        if isinstance(optimizer, th.optim.Optimizer):
+            check_optimizer_state(optimizer)
 
     def _checked_learning_rate(self, progress_remaining: float) -> float:
         """
@@ -606,8 +662,30 @@ class TRPO(OnPolicyAlgorithm):
     # ----------------------------------------------------------------------------------------------------------
     # Training
     # ----------------------------------------------------------------------------------------------------------
+    def _other_family_error(self, policy_class: Any) -> ValueError | None:
+        """The error for a policy class of sb3-contrib's that another class of this package runs (else ``None``)."""
+        bases = {base.__name__ for base in getattr(policy_class, "__mro__", ())}
+        for base, algorithm in self._other_families.items():
+            if base in bases:
+                return ValueError(
+                    f"{type(self).__name__} cannot train the policy class {policy_class.__name__}, an sb3-contrib "
+                    f"{base}: use sb3_trpo_ext.{algorithm} (for a saved model: {algorithm}.load(path))"
+                )
+        return None
+
     def _setup_model(self) -> None:
-        super()._setup_model()
+        # load builds the policy from the saved file and custom_objects: a use_sde given there as a string would build
+        # a gSDE policy (the other hyperparameters are checked before learning: a PPO file, target_kl=None, still loads)
+        use_sde = self.use_sde
+        valid = isinstance(use_sde, (bool, np.bool_)) or (isinstance(use_sde, numbers.Integral) and use_sde in (0, 1))
+        _check_range("use_sde", use_sde, valid, "True or False")
+        try:
+            super()._setup_model()
+        except TypeError as error:  # e.g. a maskable policy, which takes no use_sde
+            other_family = self._other_family_error(self.policy_class)
+            if other_family is not None:
+                raise other_family from error
+            raise
         self._check_flattened_observations()
         self._reset_parameter_caches()
 
@@ -1024,7 +1102,23 @@ class TRPO(OnPolicyAlgorithm):
         """
         if not isinstance(total_timesteps, (int, float, np.integer, np.floating)) or not math.isfinite(total_timesteps):
             raise ValueError(f"total_timesteps must be a finite number, got {total_timesteps!r}")
+        if log_interval is not None and not (
+            isinstance(log_interval, numbers.Integral) and not isinstance(log_interval, bool) and log_interval != 0
+        ):
+            raise ValueError(
+                f"log_interval must be a non-zero integer (rollouts between two logs) or None, got {log_interval!r}"
+            )
+        if self.env is None:
+            raise ValueError(
+                f"This {type(self).__name__} has no environment to learn from (a loaded model has none unless given "
+                "one): pass env= to load(), or call set_env(env) first"
+            )
+        # a model loaded with another family's policy (a RecurrentPPO file) predicts, but this class cannot train it
+        other_family = self._other_family_error(type(self.policy))
+        if other_family is not None:
+            raise other_family
         self._check_hyperparameters()
+        self._check_trainable_state()
         return super().learn(
             # as given, a float too: SB3 trains while num_timesteps < total_timesteps
             total_timesteps=total_timesteps,  # type: ignore[arg-type]
@@ -1034,6 +1128,53 @@ class TRPO(OnPolicyAlgorithm):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+    def _observation_count(self, observation: np.ndarray | dict[str, np.ndarray]) -> int | None:
+        """
+        The number of observations ``predict`` is given (one unless it is a batch), which the masks (``MaskableTRPO``)
+        or the LSTM states (``RecurrentTRPO``) must match; ``None`` where the observation does not fit the space
+        (``policy.predict`` then raises its own error).
+        """
+        # as SB3's obs_to_tensor does before its own check: lists, tuples and Python numbers become arrays
+        if isinstance(observation, dict):
+            observation = {key: np.asarray(value) for key, value in observation.items()}
+        else:
+            observation = np.asarray(observation)
+        try:
+            if not is_vectorized_observation(observation, self.observation_space):  # type: ignore[arg-type]
+                return 1
+        except (ValueError, KeyError):
+            return None
+        first = next(iter(observation.values())) if isinstance(observation, dict) else observation
+        return int(np.shape(first)[0])
+
+    def set_parameters(
+        self,
+        load_path_or_dict: str | TensorDict,
+        exact_match: bool = True,
+        device: th.device | str = "auto",
+    ) -> None:
+        """
+        Load parameters from a zip file or a nested dictionary (see ``get_parameters``), as SB3's ``set_parameters``,
+        but all or nothing: when it raises (names or shapes that do not match with ``exact_match=True``, a broken
+        file), the policy and its optimizer are left as they were. SB3's own ``set_parameters`` copies every tensor
+        whose name matches before it finds the mismatch, which left a mix of two networks.
+
+        :param load_path_or_dict: Location of the saved data (path or file-like, see ``save``), or a nested
+            dictionary mapping object names (``"policy"``, ``"policy.optimizer"``) to their state dictionaries
+        :param exact_match: If True, the given parameters must cover each module and each of its parameters
+        :param device: Device on which the code should run
+        """
+        saved = []
+        for name in self._get_torch_save_params()[0]:
+            holder = recursive_getattr(self, name)
+            saved.append((holder, copy.deepcopy(holder.state_dict())))
+        try:
+            super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)
+        except BaseException:
+            for holder, state in saved:
+                holder.load_state_dict(state)
+            raise
 
     def _excluded_save_params(self) -> list[str]:
         return [
