@@ -163,6 +163,11 @@ _VALIDATED = (
 )
 
 
+def _is_flag(value: object) -> bool:
+    """A boolean, or 0 / 1: a string such as ``"False"`` would count as true."""
+    return isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))
+
+
 def _check_range(name: str, value: object, valid: bool, valid_range: str) -> None:
     if not valid:
         raise ValueError(f"Invalid hyperparameter {name}={value!r}: it must be {valid_range}")
@@ -408,11 +413,8 @@ class TRPO(OnPolicyAlgorithm):
         _check_range("target_kl", target_kl, finite(target_kl) and target_kl > 0.0, "a finite number > 0")
         _check_range("sub_sampling_factor", sub_sampling_factor, integer(sub_sampling_factor, 1), "an integer >= 1")
 
-        def flag(x: bool) -> bool:  # a string such as "False" would count as true; 0 and 1 are taken as they are
-            return isinstance(x, (bool, np.bool_)) or (isinstance(x, numbers.Integral) and x in (0, 1))
-
-        _check_range("use_sde", use_sde, flag(use_sde), "True or False")
-        _check_range("normalize_advantage", normalize_advantage, flag(normalize_advantage), "True or False")
+        _check_range("use_sde", use_sde, _is_flag(use_sde), "True or False")
+        _check_range("normalize_advantage", normalize_advantage, _is_flag(normalize_advantage), "True or False")
         _check_range(
             "sde_sample_freq",
             sde_sample_freq,
@@ -676,9 +678,7 @@ class TRPO(OnPolicyAlgorithm):
     def _setup_model(self) -> None:
         # load builds the policy from the saved file and custom_objects: a use_sde given there as a string would build
         # a gSDE policy (the other hyperparameters are checked before learning: a PPO file, target_kl=None, still loads)
-        use_sde = self.use_sde
-        valid = isinstance(use_sde, (bool, np.bool_)) or (isinstance(use_sde, numbers.Integral) and use_sde in (0, 1))
-        _check_range("use_sde", use_sde, valid, "True or False")
+        _check_range("use_sde", self.use_sde, _is_flag(self.use_sde), "True or False")
         try:
             super()._setup_model()
         except TypeError as error:  # e.g. a maskable policy, which takes no use_sde
