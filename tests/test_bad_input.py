@@ -662,3 +662,30 @@ def test_an_optimizer_whose_state_is_not_shaped_like_the_parameters_still_trains
     )
     model.learn(32, reset_num_timesteps=False)
     assert model.num_timesteps == 64
+
+
+@pytest.mark.parametrize(
+    "algo,policy,env",
+    [
+        (TRPO, "MlpPolicy", "CartPole-v1"),
+        (TRPO, "MlpPolicy", "Pendulum-v1"),
+        (RecurrentTRPO, "MlpLstmPolicy", "CartPole-v1"),
+        (MaskableTRPO, "MlpPolicy", "masked"),
+    ],
+)
+def test_predict_on_a_nan_observation_names_its_index(algo: type[TRPO], policy: str, env: str) -> None:
+    from sb3_contrib.common.wrappers import ActionMasker
+
+    environment: Any = env
+    if env == "masked":  # Box observations (NaN-able), every action valid
+        environment = ActionMasker(gym.make("CartPole-v1"), lambda _: np.ones(2, dtype=bool))
+    model = algo(policy, environment, n_steps=16, batch_size=16, seed=0)
+    size = model.observation_space.shape[0]  # type: ignore[index]
+    batch = np.zeros((3, size), dtype=np.float32)
+    batch[2, 0] = np.nan
+    with pytest.raises(ValueError, match=r"NaN for observation index 2: it holds NaN or inf") as error:
+        model.predict(batch)
+    assert str(error.value.__cause__).startswith("Expected parameter")  # torch's own message kept as the cause
+    with pytest.raises(ValueError, match=r"NaN for observation index 0: it holds NaN or inf"):
+        model.predict(batch[2])  # one observation, without a batch axis
+    model.predict(batch[:2])  # the finite ones still predict

@@ -185,7 +185,10 @@ def _nonfinite_rows(observations: np.ndarray | dict[str, np.ndarray]) -> list[in
 
 
 def explain_undefined_distribution(
-    error: ValueError, observations: np.ndarray | dict[str, np.ndarray] | None, policy: th.nn.Module
+    error: ValueError,
+    observations: np.ndarray | dict[str, np.ndarray] | None,
+    policy: th.nn.Module,
+    unit: str = "environment",
 ) -> None:
     """
     Where SB3's own rollout step builds the action distribution (the policies the lean steps do not cover), a NaN
@@ -196,6 +199,7 @@ def explain_undefined_distribution(
     :param error: The error raised during the rollout
     :param observations: The observations the failing step was given (``_last_obs``)
     :param policy: The policy
+    :param unit: What one row of ``observations`` is, in the message (``"observation"`` in ``predict``)
     """
     message = str(error)
     if not (message.startswith("Expected parameter ") and " of distribution " in message):
@@ -203,8 +207,12 @@ def explain_undefined_distribution(
     rows = [] if observations is None else _nonfinite_rows(observations)
     if rows:
         raise ValueError(
-            f"The policy's action distribution is NaN for environment index {_rows_text(rows)}: "
-            "its observation holds NaN or inf (VecCheckNan finds where)"
+            f"The policy's action distribution is NaN for {unit} index {_rows_text(rows)}: "
+            + (
+                "its observation holds NaN or inf (VecCheckNan finds where)"
+                if unit == "environment"
+                else "it holds NaN or inf"
+            )
         ) from error
     if not all_finite(list(policy.parameters())):
         raise ValueError("The policy's action distribution is NaN: the policy's weights hold NaN or inf") from error

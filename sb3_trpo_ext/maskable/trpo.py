@@ -429,7 +429,11 @@ class MaskableTRPO(TRPO):
             action_masks = check_action_masks(
                 action_masks, self.action_space, self._observation_count(observation), "observation"
             )
-        return self.policy.predict(observation, state, episode_start, deterministic, action_masks=action_masks)
+        try:
+            return self.policy.predict(observation, state, episode_start, deterministic, action_masks=action_masks)
+        except ValueError as error:
+            self._explain_predict_error(error, observation)
+            raise
 
     # ----------------------------------------------------------------------------------------------------------
     # Training: the masked surrogate (KL, Fisher-vector product and line search follow from it)

@@ -1129,6 +1129,48 @@ class TRPO(OnPolicyAlgorithm):
             progress_bar=progress_bar,
         )
 
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """
+        The policy's action for an observation (or a batch of them), as SB3's ``predict``. An observation holding NaN
+        or inf, whose action distribution is undefined, gets a ``ValueError`` naming its index (torch's own
+        distribution check, naming neither, is kept as the cause).
+
+        :param observation: The observation, or a batch of them
+        :param state: The recurrent state (``RecurrentTRPO``; None otherwise)
+        :param episode_start: Whether each observation starts an episode (``RecurrentTRPO``)
+        :param deterministic: Whether to return the most likely action instead of a sample
+        :return: The actions and the next state (None without recurrence)
+        """
+        try:
+            return super().predict(observation, state, episode_start, deterministic)
+        except ValueError as error:
+            self._explain_predict_error(error, observation)
+            raise
+
+    def _explain_predict_error(self, error: ValueError, observation: np.ndarray | dict[str, np.ndarray]) -> None:
+        """Raise the clearer error for a NaN or inf observation in ``predict`` (else return: the caller re-raises)."""
+        if isinstance(observation, dict):
+            observation = {key: np.asarray(value) for key, value in observation.items()}
+        else:
+            observation = np.asarray(observation)
+        try:
+            batched = is_vectorized_observation(observation, self.observation_space)  # type: ignore[arg-type]
+        except (ValueError, KeyError):
+            return
+        if not batched:
+            observation = (
+                {key: value[np.newaxis] for key, value in observation.items()}
+                if isinstance(observation, dict)
+                else observation[np.newaxis]
+            )
+        explain_undefined_distribution(error, observation, self.policy, unit="observation")
+
     def _observation_count(self, observation: np.ndarray | dict[str, np.ndarray]) -> int | None:
         """
         The number of observations ``predict`` is given (one unless it is a batch), which the masks (``MaskableTRPO``)
