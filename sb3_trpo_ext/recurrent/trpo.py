@@ -710,31 +710,13 @@ class RecurrentTRPO(TRPO):
             self._sequences = None
         self._log_train_stats(stats, value_losses)
 
-    def predict(
-        self,
-        observation: np.ndarray | dict[str, np.ndarray],
-        state: tuple[np.ndarray, ...] | None = None,
-        episode_start: np.ndarray | None = None,
-        deterministic: bool = False,
-    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+    def _check_predict_inputs(self, observation: np.ndarray | dict[str, np.ndarray], state: Any, episode_start: Any) -> None:
         """
-        The policy's action for an observation (or a batch, one per environment), as ``RecurrentPPO.predict``: pass
-        the ``state`` it returned at the previous step, and ``episode_start`` (True where an episode begins: its
-        state is reset to zero). ``state`` and ``episode_start`` are checked against the observations: a state of
-        another batch size or LSTM size, or flags of another length, raise a ``ValueError`` saying which, where
-        ``RecurrentPPO`` stops inside PyTorch, or silently reads two observations as one environment's sequence.
-
-        :param observation: The observation, or a batch of them (one per environment)
-        :param state: The (hidden, cell) LSTM states returned by the previous call, or None at the start (zeros)
-        :param episode_start: One flag per observation, True where an episode starts (None: no reset)
-        :param deterministic: Whether to return the most likely action instead of a sample
-        :return: The actions and the next (hidden, cell) states
+        ``state`` and ``episode_start`` of ``predict`` (used as in ``RecurrentPPO``) against the observations and the
+        policy's LSTM: a state of another batch size or LSTM size, or not a (hidden, cell) pair, and flags of another
+        length raise a ``ValueError`` saying which, where ``RecurrentPPO`` stops inside PyTorch, or silently reads two
+        observations as one environment's sequence.
         """
-        self._check_recurrent_inputs(observation, state, episode_start)
-        return super().predict(observation, state, episode_start, deterministic)
-
-    def _check_recurrent_inputs(self, observation: np.ndarray | dict[str, np.ndarray], state: Any, episode_start: Any) -> None:
-        """Raise a ``ValueError`` if ``state`` or ``episode_start`` does not fit the observations and the policy's LSTM."""
         if state is None and episode_start is None:
             return
         count = self._observation_count(observation)

@@ -1139,7 +1139,8 @@ class TRPO(OnPolicyAlgorithm):
         """
         The policy's action for an observation (or a batch of them), as SB3's ``predict``. An observation holding NaN
         or inf, whose action distribution is undefined, gets a ``ValueError`` naming its index (torch's own
-        distribution check, naming neither, is kept as the cause).
+        distribution check, naming neither, is kept as the cause). ``RecurrentTRPO`` first checks ``state`` and
+        ``episode_start`` against the observations and its LSTM.
 
         :param observation: The observation, or a batch of them
         :param state: The recurrent state (``RecurrentTRPO``; None otherwise)
@@ -1147,35 +1148,26 @@ class TRPO(OnPolicyAlgorithm):
         :param deterministic: Whether to return the most likely action instead of a sample
         :return: The actions and the next state (None without recurrence)
         """
+        self._check_predict_inputs(observation, state, episode_start)
         try:
             return super().predict(observation, state, episode_start, deterministic)
         except ValueError as error:
             self._explain_predict_error(error, observation)
             raise
 
+    def _check_predict_inputs(self, observation: np.ndarray | dict[str, np.ndarray], state: Any, episode_start: Any) -> None:
+        """Checks of ``predict``'s inputs before the policy sees them (``RecurrentTRPO`` checks its states)."""
+
     def _explain_predict_error(self, error: ValueError, observation: np.ndarray | dict[str, np.ndarray]) -> None:
         """Raise the clearer error for a NaN or inf observation in ``predict`` (else return: the caller re-raises)."""
-        if isinstance(observation, dict):
-            observation = {key: np.asarray(value) for key, value in observation.items()}
-        else:
-            observation = np.asarray(observation)
-        try:
-            batched = is_vectorized_observation(observation, self.observation_space)  # type: ignore[arg-type]
-        except (ValueError, KeyError):
-            return
-        if not batched:
-            observation = (
-                {key: value[np.newaxis] for key, value in observation.items()}
-                if isinstance(observation, dict)
-                else observation[np.newaxis]
-            )
-        explain_undefined_distribution(error, observation, self.policy, unit="observation")
+        batch = self._observation_batch(observation)
+        if batch is not None:
+            explain_undefined_distribution(error, batch, self.policy, unit="observation")
 
-    def _observation_count(self, observation: np.ndarray | dict[str, np.ndarray]) -> int | None:
+    def _observation_batch(self, observation: np.ndarray | dict[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray] | None:
         """
-        The number of observations ``predict`` is given (one unless it is a batch), which the masks (``MaskableTRPO``)
-        or the LSTM states (``RecurrentTRPO``) must match; ``None`` where the observation does not fit the space
-        (``policy.predict`` then raises its own error).
+        The observations ``predict`` is given as arrays with a batch axis (one observation gets one), or ``None`` where
+        they do not fit the space (``policy.predict`` then raises its own error).
         """
         # as SB3's obs_to_tensor does before its own check: lists, tuples and Python numbers become arrays
         if isinstance(observation, dict):
@@ -1183,11 +1175,23 @@ class TRPO(OnPolicyAlgorithm):
         else:
             observation = np.asarray(observation)
         try:
-            if not is_vectorized_observation(observation, self.observation_space):  # type: ignore[arg-type]
-                return 1
+            if is_vectorized_observation(observation, self.observation_space):  # type: ignore[arg-type]
+                return observation
         except (ValueError, KeyError):
             return None
-        first = next(iter(observation.values())) if isinstance(observation, dict) else observation
+        if isinstance(observation, dict):
+            return {key: value[np.newaxis] for key, value in observation.items()}
+        return observation[np.newaxis]
+
+    def _observation_count(self, observation: np.ndarray | dict[str, np.ndarray]) -> int | None:
+        """
+        The number of observations ``predict`` is given (one unless it is a batch), which the masks (``MaskableTRPO``)
+        or the LSTM states (``RecurrentTRPO``) must match; ``None`` where the observation does not fit the space.
+        """
+        batch = self._observation_batch(observation)
+        if batch is None:
+            return None
+        first = next(iter(batch.values())) if isinstance(batch, dict) else batch
         return int(np.shape(first)[0])
 
     def set_parameters(
