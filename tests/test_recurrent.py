@@ -223,6 +223,31 @@ def test_lean_critic_loss_equals_the_loss_through_predict_values(policy_kwargs: 
             th.testing.assert_close(g_got, g_expected, rtol=1e-4, atol=1e-6)
 
 
+def test_critic_lstm_runs_only_to_the_longest_sequence_of_its_minibatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A minibatch of short sequences does not walk the padding that the buffer's longest sequence puts after them."""
+    model = only_collected("box")
+    data = next(model.rollout_buffer.get(batch_size=None))
+    batch = model._sequences = model._prepare_sequences(data)
+    _, critic = model._split_parameters(data.observations)
+    real = (data.mask > 0.5).view(batch.n_seq, batch.max_length)
+    lean = model._lean_critic_loss_fn(data.observations, data.returns.view(batch.n_seq, -1), real, critic)
+    assert lean is not None
+    lengths = real.sum(dim=1)
+    short = th.nonzero(lengths < batch.max_length).flatten()[:2]
+    assert len(short) > 0, "the rollout should hold sequences shorter than the longest"
+    walked: list[int] = []
+    forward = th.nn.LSTM.forward
+
+    def recording_forward(self: th.nn.LSTM, inputs: th.Tensor, *args: object) -> object:
+        walked.append(inputs.shape[0])  # time first
+        return forward(self, inputs, *args)
+
+    monkeypatch.setattr(th.nn.LSTM, "forward", recording_forward)
+    lean(short)
+    lean(th.arange(batch.n_seq))
+    assert walked == [int(lengths[short].max()), batch.max_length]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Spaces, options, save/load
 # --------------------------------------------------------------------------------------------------------------

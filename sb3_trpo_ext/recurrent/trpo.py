@@ -628,12 +628,17 @@ class RecurrentTRPO(TRPO):
         features_tf = features.reshape(batch.n_seq, batch.max_length, -1).swapaxes(0, 1)
         returns_tf, real_tf = returns_seq.t(), real_mask.t().to(returns_seq.dtype)
         real_counts = real_mask.sum(dim=1).to(returns_seq.dtype)
+        # steps up to each sequence's last real one (sb3-contrib pads sequences at their end)
+        lengths = (real_mask.shape[1] - real_mask.flip(1).to(th.uint8).argmax(dim=1)).tolist()
         lstm, states = policy.lstm_critic, batch.states_vf
 
         def loss(seqs: th.Tensor) -> th.Tensor:
-            latent, _ = lstm(features_tf[:, seqs], (states[0][:, seqs], states[1][:, seqs]))
+            # The LSTM runs up to the longest sequence of the minibatch only: the steps after it are padding of every
+            # sequence in it, which the loss ignores and which cannot affect the earlier steps
+            steps = max(lengths[k] for k in seqs.tolist())
+            latent, _ = lstm(features_tf[:steps, seqs], (states[0][:, seqs], states[1][:, seqs]))
             values = policy.value_net(policy.mlp_extractor.forward_critic(latent)).squeeze(-1)
-            squared = (values - returns_tf[:, seqs]).square() * real_tf[:, seqs]
+            squared = (values - returns_tf[:steps, seqs]).square() * real_tf[:steps, seqs]
             return squared.sum() / real_counts[seqs].sum()
 
         return loss
